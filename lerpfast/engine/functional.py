@@ -1,0 +1,172 @@
+"""Torch reference ops of the multi-point engine.
+
+Every fast path (Triton in ``lerpfast.kernels``, C++ in ``csrc/``) is checked against these, and on
+the CPU these *are* the engine. Shapes follow ``docs/architecture.md``:
+
+* a ``ParamSlice`` holds one tensor of the model along a slice: ``anchors`` (M, *S) and ``dirs`` (J, *S);
+* ``Points`` says which K points a pass evaluates: ``anchor_idx`` (K,), ``coefs`` (K, J);
+* point k's tensor is ``anchors[anchor_idx[k]] + sum_j coefs[k, j] * dirs[j]`` (j in order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ParamSlice", "Points", "combine", "combine_one", "lerp_linear", "lerp_conv"]
+
+
+@dataclass
+class ParamSlice:
+    """One tensor of the model along a slice: ``anchors`` (M, *S), ``dirs`` (J, *S) or None (J = 0)."""
+
+    anchors: torch.Tensor
+    dirs: torch.Tensor | None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.anchors.shape[1:]
+
+    def nbytes(self) -> int:
+        n = self.anchors.numel() * self.anchors.element_size()
+        if self.dirs is not None:
+            n += self.dirs.numel() * self.dirs.element_size()
+        return n
+
+
+@dataclass
+class Points:
+    """The K points of one pass. ``anchor_idx`` (K,) int64, ``coefs`` (K, J) in the combine dtype."""
+
+    anchor_idx: torch.Tensor
+    coefs: torch.Tensor
+
+    @property
+    def K(self) -> int:  # noqa: N802 - the paper's symbol
+        return self.anchor_idx.shape[0]
+
+    @property
+    def J(self) -> int:  # noqa: N802
+        return self.coefs.shape[1]
+
+    def to(self, device) -> Points:
+        return Points(self.anchor_idx.to(device), self.coefs.to(device))
+
+
+def combine_one(anchor: torch.Tensor, dirs: list[torch.Tensor] | torch.Tensor | None, coefs) -> torch.Tensor:
+    """One point: ``anchor + sum_j coefs[j] * dirs[j]``, accumulated in order (the oracle's formula)."""
+    out = anchor
+    if dirs is not None:
+        for j in range(len(coefs)):
+            out = out + coefs[j] * dirs[j]
+    return out
+
+
+def combine(anchors: torch.Tensor, dirs: torch.Tensor | None, anchor_idx: torch.Tensor,
+            coefs: torch.Tensor) -> torch.Tensor:
+    """K points of one tensor: (K, *S) with ``W_k = anchors[idx_k] + sum_j coefs[k, j] * dirs[j]``.
+
+    The sum runs over j in order with one rounding per term, exactly as :func:`combine_one` does, so the
+    engine and the per-point oracle build bit-identical weights.
+    """
+    out = anchors.index_select(0, anchor_idx)  # (K, *S)
+    if dirs is None or coefs.shape[1] == 0:
+        return out
+    view = (coefs.shape[0],) + (1,) * (anchors.dim() - 1)
+    coefs = coefs.to(anchors.dtype)
+    for j in range(coefs.shape[1]):
+        out = out + coefs[:, j].reshape(view) * dirs[j]
+    return out
+
+
+def _points_bias(b: ParamSlice | None, pts: Points) -> torch.Tensor | None:
+    return None if b is None else combine(b.anchors, b.dirs, pts.anchor_idx, pts.coefs)
+
+
+def lerp_linear(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Points,
+                shared_input: bool = False) -> torch.Tensor:
+    """Multi-point ``F.linear``.
+
+    Parameters
+    ----------
+    x : (K, N, in), or (N, in) when ``shared_input`` (every point sees the same rows).
+    w, b : the weight (M, out, in) / (J, out, in) and bias slices.
+    pts : the K points.
+
+    Returns
+    -------
+    (K, N, out)
+    """
+    if shared_input:
+        # The same N rows for every point: x @ anchor^T and x @ dir_j^T once (M + J GEMMs over N rows
+        # instead of K), then mixed per point. For LeNet-300-100 the first layer is 88 % of the FLOPs.
+        used = torch.unique(pts.anchor_idx)
+        ya = torch.zeros((w.anchors.shape[0], x.shape[0], w.anchors.shape[1]), dtype=x.dtype, device=x.device)
+        ya[used] = torch.matmul(x, w.anchors[used].transpose(-1, -2))  # (|used|, N, out)
+        out = ya.index_select(0, pts.anchor_idx)  # (K, N, out)
+        if w.dirs is not None and pts.J:
+            yd = torch.matmul(x, w.dirs.transpose(-1, -2))  # (J, N, out)
+            c = pts.coefs.to(yd.dtype)
+            for j in range(pts.J):
+                out = out + c[:, j, None, None] * yd[j]
+    else:
+        weight = combine(w.anchors, w.dirs, pts.anchor_idx, pts.coefs)  # (K, out, in)
+        out = torch.bmm(x, weight.to(x.dtype).transpose(1, 2))  # (K, N, out)
+    bias = _points_bias(b, pts)
+    if bias is not None:
+        out = out + bias.to(out.dtype)[:, None, :]
+    return out
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def lerp_conv(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Points, stride, padding, dilation,
+              groups: int, shared_input: bool = False) -> torch.Tensor:
+    """Multi-point convolution (1-3 d) as one grouped convolution with the points folded into channels.
+
+    Parameters
+    ----------
+    x : (K, N, C, *spatial), or (N, C, *spatial) when ``shared_input``.
+    w : weight slice, anchors (M, O, C/groups, *kernel).
+
+    Returns
+    -------
+    (K, N, O, *spatial_out)
+    """
+    nd = w.anchors.dim() - 3
+    conv = _CONV[nd]
+    K = pts.K
+    if shared_input:
+        # Convolve the N shared rows with the M anchors and J directions (linear in the weights), then mix.
+        used = torch.unique(pts.anchor_idx)
+        ws = [w.anchors[used]] + ([w.dirs] if (w.dirs is not None and pts.J) else [])
+        bank = torch.cat(ws, 0)  # (T, O, C/g, *k)
+        xt = x.unsqueeze(0).expand(bank.shape[0], *x.shape)
+        y = _grouped(conv, xt, bank.to(x.dtype), None, stride, padding, dilation, groups)  # (T, N, O, *sp)
+        pos = torch.full((w.anchors.shape[0],), -1, dtype=torch.long, device=x.device)
+        pos[used] = torch.arange(used.numel(), device=x.device)
+        out = y.index_select(0, pos.index_select(0, pts.anchor_idx))
+        c = pts.coefs.to(y.dtype)
+        view = (K,) + (1,) * (y.dim() - 1)
+        for j in range(pts.J if w.dirs is not None else 0):
+            out = out + c[:, j].reshape(view) * y[used.numel() + j]
+    else:
+        weight = combine(w.anchors, w.dirs, pts.anchor_idx, pts.coefs).to(x.dtype)  # (K, O, C/g, *k)
+        out = _grouped(conv, x, weight, None, stride, padding, dilation, groups)
+    bias = _points_bias(b, pts)
+    if bias is not None:
+        out = out + bias.to(out.dtype).reshape((K, 1, -1) + (1,) * nd)
+    return out
+
+
+def _grouped(conv, x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation, groups: int):
+    """(K, N, C, *sp) x (K, O, C/g, *k) -> (K, N, O, *sp') as one conv with groups = K * groups."""
+    K, N, C = x.shape[:3]
+    sp = x.shape[3:]
+    xin = x.transpose(0, 1).reshape(N, K * C, *sp)  # (N, K*C, *sp): points folded into channels
+    wk = weight.reshape(K * weight.shape[1], *weight.shape[2:])
+    y = conv(xin, wk, bias, stride, padding, dilation, groups * K)  # (N, K*O, *sp')
+    return y.reshape(N, K, weight.shape[1], *y.shape[2:]).transpose(0, 1)

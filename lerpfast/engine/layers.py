@@ -1,0 +1,253 @@
+"""Multi-point layers: each holds its tensors along the slice and builds the K points' weights inside forward.
+
+Activations carry the K points along the batch axis, point-major: a tensor of the original model with
+batch B has batch K*B here, rows [k*B, (k+1)*B) belonging to point k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lerpfast.engine import dispatch
+from lerpfast.engine.functional import ParamSlice, Points, combine
+
+__all__ = ["PointContext", "MultiPointLayer", "NATIVE_LAYERS"]
+
+
+@dataclass
+class PointContext:
+    """State shared by all multi-point layers of one model during a pass."""
+
+    pts: Points | None = None
+    batch: int = 0  # per-point batch size B of the current data batch
+    shared: list[tuple[int, int]] = field(default_factory=list)  # (data_ptr, numel) of repeated input buffers
+    calibrate: bool = False  # "recompute" BN policy: accumulate per-point batch statistics
+    max_materialized: int = 0  # largest per-layer K-point weight tensor built (bytes), for memory checks
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def K(self) -> int:  # noqa: N802
+        return self.pts.K
+
+    def is_shared(self, x: torch.Tensor) -> bool:
+        """True when x is an unmodified view of the repeated input: all K row blocks are the same data."""
+        return (x.dim() >= 1 and x.shape[0] == self.K * self.batch and x.is_contiguous()
+                and (x.data_ptr(), x.numel()) in self.shared)
+
+    def note(self, nbytes: int) -> None:
+        self.max_materialized = max(self.max_materialized, nbytes)
+
+
+class MultiPointLayer(nn.Module):
+    """Base: holds ``ParamSlice`` per tensor name (plain attributes, not buffers: ``.to()`` must not touch them)."""
+
+    path = "native"
+
+    def __init__(self, ctx: PointContext, name: str, tensors: dict[str, ParamSlice], source: nn.Module):
+        super().__init__()
+        self.ctx, self.name = ctx, name
+        self.slices = tensors
+        self.source_type = type(source).__name__
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = self.ctx
+        K, B = ctx.K, ctx.batch
+        if x.dim() >= 1 and x.shape[0] == K * B:
+            return self.run(x)
+        # An input without the batch axis (position ids of shape (T,) or (1, T), a constant): the K points'
+        # outputs on it, broadcast over the batch, so that the usual broadcasting against batched tensors holds.
+        x1 = x if (x.dim() >= 1 and x.shape[0] == 1) else x.unsqueeze(0)
+        ctx.batch = 1
+        try:
+            y = self.run(x1.repeat(K, *([1] * (x1.dim() - 1))))  # (K, ...)
+        finally:
+            ctx.batch = B
+        return y.unsqueeze(1).expand(K, B, *y.shape[1:]).reshape(K * B, *y.shape[1:])
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def slice(self, key: str) -> ParamSlice | None:
+        return self.slices.get(key)
+
+    def build(self, key: str) -> torch.Tensor | None:
+        """(K, *S) tensor of this layer for the current points (materialized for this layer only)."""
+        p = self.slices.get(key)
+        if p is None:
+            return None
+        w = combine(p.anchors, p.dirs, self.ctx.pts.anchor_idx, self.ctx.pts.coefs)
+        self.ctx.note(w.numel() * w.element_size())
+        return w
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("weight", "bias", "running_mean", "running_var"):
+                raise AttributeError(
+                    f"lerpfast: module {self.name!r} ({self.source_type}) is evaluated at K points at once, so its "
+                    f"{name!r} has no single value; code outside the module reads it directly. Pass "
+                    f"fallback=[{self.name.rsplit('.', 1)[0]!r}] to sweep to run the reading module per point."
+                ) from None
+            raise
+
+    def extra_repr(self) -> str:
+        return f"{self.source_type}, name={self.name!r}"
+
+
+def _split(x: torch.Tensor, K: int) -> torch.Tensor:
+    return x.reshape(K, x.shape[0] // K, *x.shape[1:])
+
+
+class MPLinear(MultiPointLayer):
+    def run(self, x: torch.Tensor) -> torch.Tensor:  # (K*B, ..., in)
+        K, lead = self.ctx.K, x.shape[:-1]
+        shared = self.ctx.is_shared(x)
+        xin = x.reshape(K, -1, x.shape[-1])  # (K, N, in)
+        if shared:
+            xin = xin[0]  # (N, in): the same rows for every point
+        w = self.slices["weight"]
+        self.ctx.note(K * w.anchors[0].numel() * w.anchors.element_size())
+        out = dispatch.lerp_linear(xin, w, self.slice("bias"), self.ctx.pts, shared_input=shared)  # (K, N, out)
+        return out.reshape(*lead, out.shape[-1])
+
+
+class MPConv(MultiPointLayer):
+    def __init__(self, ctx, name, tensors, source: nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        super().__init__(ctx, name, tensors, source)
+        self.stride, self.dilation, self.groups = source.stride, source.dilation, source.groups
+        self.padding_mode = source.padding_mode
+        if source.padding_mode != "zeros":
+            self.pad = source._reversed_padding_repeated_twice
+            self.padding = 0
+        else:
+            self.padding = source.padding
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:  # (K*B, C, *spatial)
+        K = self.ctx.K
+        shared = self.ctx.is_shared(x)
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self.pad, mode=self.padding_mode)
+        xin = _split(x, K)  # (K, B, C, *sp)
+        if shared:
+            xin = xin[0]
+        w = self.slices["weight"]
+        self.ctx.note(K * w.anchors[0].numel() * w.anchors.element_size())
+        out = dispatch.lerp_conv(xin, w, self.slice("bias"), self.ctx.pts, self.stride, self.padding, self.dilation,
+                                 self.groups, shared_input=shared)  # (K, B, O, *sp')
+        return out.reshape(K * out.shape[1], *out.shape[2:])
+
+
+class MPBatchNorm(MultiPointLayer):
+    """Batch norm with per-point statistics, run as one ``F.batch_norm`` with points folded into channels.
+
+    Folding makes every point's arithmetic exactly PyTorch's, in eval mode and in the "recompute" policy's
+    calibration, where ``momentum=1/n`` reproduces BatchNorm's cumulative average (``momentum=None``).
+    """
+
+    def __init__(self, ctx, name, tensors, source: nn.modules.batchnorm._BatchNorm):
+        super().__init__(ctx, name, tensors, source)
+        self.eps, self.momentum = source.eps, source.momentum
+        self.track = source.track_running_stats
+        self.calibrated: tuple[torch.Tensor, torch.Tensor] | None = None  # (K, C) each, "recompute" policy
+        self.n_calib = 0
+
+    def reset_calibration(self) -> None:
+        self.calibrated, self.n_calib = None, 0
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:  # (K*B, C, *)
+        K = self.ctx.K
+        xs = _split(x, K)  # (K, B, C, *)
+        B, C = xs.shape[1], xs.shape[2]
+        xf = xs.transpose(0, 1).reshape(B, K * C, *xs.shape[3:])  # (B, K*C, *): points folded into channels
+        weight, bias = self.build("weight"), self.build("bias")
+        weight = None if weight is None else weight.reshape(K * C).to(x.dtype)
+        bias = None if bias is None else bias.reshape(K * C).to(x.dtype)
+        if self.ctx.calibrate and self.track:
+            if self.calibrated is None:
+                dt = self.slices["running_mean"].anchors.dtype
+                self.calibrated = (torch.zeros(K * C, dtype=dt, device=x.device),
+                                   torch.ones(K * C, dtype=dt, device=x.device))
+            self.n_calib += 1
+            y = F.batch_norm(xf, self.calibrated[0], self.calibrated[1], weight, bias, True, 1.0 / self.n_calib,
+                             self.eps)
+        elif not self.track:
+            y = F.batch_norm(xf, None, None, weight, bias, True, 0.0, self.eps)
+        else:
+            if self.calibrated is not None:
+                mean, var = self.calibrated
+            else:
+                mean, var = self.build("running_mean").reshape(K * C), self.build("running_var").reshape(K * C)
+            y = F.batch_norm(xf, mean.to(x.dtype), var.to(x.dtype), weight, bias, False, 0.0, self.eps)
+        return y.reshape(B, K, C, *xs.shape[3:]).transpose(0, 1).reshape(x.shape)
+
+
+def _affine(y: torch.Tensor, weight, bias, K: int, channel_dim: int | None) -> torch.Tensor:
+    """Per-point elementwise affine on (K*B, ...) activations; channel_dim None: over the trailing dims."""
+    if weight is None and bias is None:
+        return y
+    ys = _split(y, K)  # (K, B, ...)
+    if channel_dim is None:
+        shape = lambda t: t.reshape(K, *([1] * (ys.dim() - t.dim())), *t.shape[1:])  # noqa: E731
+    else:
+        shape = lambda t: t.reshape(K, 1, t.shape[1], *([1] * (ys.dim() - 3)))  # noqa: E731
+    if weight is not None:
+        ys = ys * shape(weight.to(y.dtype))
+    if bias is not None:
+        ys = ys + shape(bias.to(y.dtype))
+    return ys.reshape(y.shape)
+
+
+class MPLayerNorm(MultiPointLayer):
+    def __init__(self, ctx, name, tensors, source: nn.LayerNorm):
+        super().__init__(ctx, name, tensors, source)
+        self.normalized_shape, self.eps = source.normalized_shape, source.eps
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        return _affine(y, self.build("weight"), self.build("bias"), self.ctx.K, None)
+
+
+class MPGroupNorm(MultiPointLayer):
+    def __init__(self, ctx, name, tensors, source: nn.GroupNorm):
+        super().__init__(ctx, name, tensors, source)
+        self.num_groups, self.eps = source.num_groups, source.eps
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.group_norm(x, self.num_groups, None, None, self.eps)
+        return _affine(y, self.build("weight"), self.build("bias"), self.ctx.K, 1)
+
+
+class MPEmbedding(MultiPointLayer):
+    def __init__(self, ctx, name, tensors, source: nn.Embedding):
+        super().__init__(ctx, name, tensors, source)
+        self.num_embeddings = source.num_embeddings
+
+    def run(self, idx: torch.Tensor) -> torch.Tensor:  # (K*B, ...) int
+        K = self.ctx.K
+        table = self.build("weight")  # (K, V, D)
+        offset = torch.arange(K, device=idx.device).reshape(K, *([1] * idx.dim())) * self.num_embeddings
+        flat = (_split(idx, K) + offset).reshape(idx.shape)
+        return F.embedding(flat, table.reshape(-1, table.shape[-1]))
+
+
+def _embedding_ok(m: nn.Embedding) -> bool:
+    return m.max_norm is None  # max_norm renormalizes the table in place: per-point fallback instead
+
+
+NATIVE_LAYERS: dict[type, tuple[type, callable]] = {
+    nn.Linear: (MPLinear, None),
+    nn.Conv1d: (MPConv, None),
+    nn.Conv2d: (MPConv, None),
+    nn.Conv3d: (MPConv, None),
+    nn.BatchNorm1d: (MPBatchNorm, None),
+    nn.BatchNorm2d: (MPBatchNorm, None),
+    nn.BatchNorm3d: (MPBatchNorm, None),
+    nn.LayerNorm: (MPLayerNorm, None),
+    nn.GroupNorm: (MPGroupNorm, None),
+    nn.Embedding: (MPEmbedding, _embedding_ok),
+}

@@ -1,0 +1,512 @@
+"""``lerpfast.sweep``: evaluate a model at the K points of a slice of weight space.
+
+Three evaluators share one front end (checkpoints, slice, BN policy, data, metrics, store):
+
+* ``method="engine"`` (default): the multi-point model, ``points_per_pass`` points per forward pass;
+* ``method="loop"``: the oracle and the baseline every tool uses today — for each point, ``load_state_dict``
+  of the interpolated weights into one model copy, then evaluate;
+* ``method="vmap"``: ``torch.func.functional_call`` + ``vmap`` over K materialized copies of the whole model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
+
+from lerpfast._version import __version__
+from lerpfast.checkpoints import describe, load_checkpoints
+from lerpfast.engine.functional import ParamSlice, Points, combine
+from lerpfast.engine.model import MultiPointModel, logits_of, precision_context
+from lerpfast.geometry import AffineSlice, Slice, as_slice
+from lerpfast.metrics import PointMetrics
+from lerpfast.result import SweepResult
+
+__all__ = ["sweep", "BN_POLICIES", "METHODS"]
+
+BN_POLICIES = ("interpolate", "endpoint", "recompute")
+METHODS = ("engine", "loop", "vmap")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+class _TensorBatches:
+    """(X, y) as a re-iterable of batches; X a tensor or a tuple / dict of tensors with y's leading dim."""
+
+    def __init__(self, x, y: torch.Tensor, batch_size: int):
+        for leaf in tree_leaves(x):
+            if leaf.shape[0] != y.shape[0]:
+                raise ValueError(f"data: X has {leaf.shape[0]} samples but y has {y.shape[0]}")
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(self.y.shape[0] / self.batch_size)
+
+    def __iter__(self):
+        for i in range(0, self.y.shape[0], self.batch_size):
+            sl = slice(i, i + self.batch_size)
+            yield tree_map(lambda t: t[sl], self.x), self.y[sl]  # noqa: B023 - used at once
+
+
+def as_batches(data, batch_size: int) -> Iterable:
+    """``data`` as a re-iterable of (x, y) batches: an (X, y) pair, a Dataset, or any iterable of batches."""
+    if data is None:
+        raise ValueError("data is required: an (X, y) pair, a Dataset, or an iterable of (x, y) batches")
+    if (isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[1])
+            and tree_leaves(data[0]) and all(torch.is_tensor(t) for t in tree_leaves(data[0]))):
+        return _TensorBatches(data[0], data[1], batch_size)
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    if iter(data) is data:  # a one-shot iterator: keep its batches so every chunk of points sees the same data
+        warnings.warn("data is a one-shot iterator: its batches are kept in memory so that every pass sees them; "
+                      "pass a re-iterable (a DataLoader or an (X, y) pair) to avoid this", stacklevel=3)
+        return list(data)
+    return data
+
+
+def _describe_data(data) -> dict:
+    if isinstance(data, _TensorBatches):
+        h = hashlib.sha256()
+        for t in (*tree_leaves(data.x), data.y):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return {"type": "tensors", "num_samples": int(data.y.shape[0]),
+                "shape": [list(t.shape[1:]) for t in tree_leaves(data.x)],
+                "sha256": h.hexdigest()}
+    out = {"type": type(data).__name__}
+    for attr in ("name", "split", "num_samples"):
+        if hasattr(data, attr):
+            out[attr] = getattr(data, attr)
+    try:
+        out["num_batches"] = len(data)
+    except TypeError:
+        pass
+    return out
+
+
+def _to_device(x, device: torch.device, dtype: torch.dtype, channels_last: bool):
+    if torch.is_tensor(x):
+        x = x.to(device, non_blocking=True)
+        if x.is_floating_point():
+            x = x.to(dtype)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+        return x
+    if isinstance(x, dict):
+        return {k: _to_device(v, device, dtype, channels_last) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_device(v, device, dtype, channels_last) for v in x)
+    return x
+
+
+def _call(model: nn.Module, x):
+    if isinstance(x, dict):
+        return model(**x)
+    if isinstance(x, (tuple, list)):
+        return model(*x)
+    return model(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Slice preparation
+
+
+def _bn_keys(model: nn.Module) -> list[str]:
+    keys = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            p = name + "." if name else ""
+            keys += [p + "running_mean", p + "running_var"]
+    return keys
+
+
+def _parse_bn(bn: str) -> tuple[str, int]:
+    policy, _, idx = bn.partition(":")
+    if policy not in BN_POLICIES:
+        raise ValueError(f"bn={bn!r}: expected one of {BN_POLICIES} ('endpoint:i' keeps checkpoint i's statistics)")
+    if idx and policy != "endpoint":
+        raise ValueError(f"bn={bn!r}: only 'endpoint' takes an index")
+    return policy, int(idx or 0)
+
+
+def _apply_bn_policy(aff: AffineSlice, states: list[dict], model: nn.Module, policy: str, source: int) -> None:
+    if policy != "endpoint":
+        return
+    if not 0 <= source < len(states):
+        raise ValueError(f"bn='endpoint:{source}': the slice has {len(states)} checkpoints")
+    for key in _bn_keys(model):
+        if key in aff.params:
+            ps = aff.params[key]
+            fixed = states[source][key].to(ps.anchors.dtype)
+            aff.params[key] = ParamSlice(fixed.unsqueeze(0).expand_as(ps.anchors).contiguous(), None)
+
+
+def _reference_points(aff: AffineSlice, reference) -> Points | None:
+    """The point functional distance and disagreement are measured against: first checkpoint by default."""
+    if reference is None or reference is False:
+        return None
+    if reference == "first":
+        return Points(torch.zeros(1, dtype=torch.long), torch.zeros(1, aff.J, dtype=aff.coefs.dtype))
+    if isinstance(reference, int):
+        if not -aff.K <= reference < aff.K:
+            raise ValueError(f"reference={reference}: the sweep has {aff.K} points")
+        return aff.points([reference % aff.K])
+    raise ValueError(f"reference={reference!r}: expected 'first', a point index, or None")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluators: each turns a chunk of Points (+ the reference) into per-point metrics
+
+
+class _Evaluator:
+    def __init__(self, model, aff, *, device, precision, policy, bn_data, loss_fn, channels_last, progress_cb):
+        self.model, self.aff, self.device, self.precision = model, aff, device, precision
+        self.policy, self.bn_data, self.loss_fn = policy, bn_data, loss_fn
+        self.channels_last, self.tick = channels_last, progress_cb
+        self.dtype = torch.float64 if precision == "fp64" else torch.float32
+        self.num_samples = 0
+
+    def batches(self, data):
+        for x, y in data:
+            yield _to_device(x, self.device, self.dtype, self.channels_last), y.to(self.device, non_blocking=True)
+
+
+class _EngineEvaluator(_Evaluator):
+    def __init__(self, model, aff, *, fallback=(), **kw):
+        super().__init__(model, aff, **kw)
+        self.mp = MultiPointModel(model, aff.to(self.device), fallback=fallback).to(self.device)
+        if self.channels_last:
+            self.mp.to(memory_format=torch.channels_last)
+
+    def evaluate(self, pts: Points, ref: Points | None, data) -> dict[str, np.ndarray]:
+        K = pts.K
+        allp = pts if ref is None else Points(torch.cat([pts.anchor_idx, ref.anchor_idx]),
+                                              torch.cat([pts.coefs, ref.coefs]))
+        self.mp.set_points(allp.to(self.device))
+        metrics = PointMetrics(K, loss_fn=self.loss_fn, reference=ref is not None)
+        with torch.inference_mode(), precision_context(self.precision, self.device):
+            if self.policy == "recompute":
+                self.mp.ctx.calibrate = True
+                try:
+                    for x, y in self.batches(self.bn_data):
+                        self.mp(x, y.shape[0])
+                finally:
+                    self.mp.ctx.calibrate = False
+            n = 0
+            for x, y in self.batches(data):
+                logits = self.mp(x, y.shape[0])  # (K+1, B, C)
+                metrics.update(logits[:K], y, None if ref is None else logits[K])
+                n += y.shape[0]
+                self.tick(1)
+        self.num_samples = n
+        return metrics.compute()
+
+
+def _recalibrate(model: nn.Module, data, batches) -> None:
+    """Reset every BN's running statistics and recompute them as a cumulative average (momentum=None)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    for x, _ in batches(data):
+        _call(model, x)
+    for m in bns:
+        m.eval()
+
+
+class _LoopEvaluator(_Evaluator):
+    """The oracle: for each point, load_state_dict of the interpolated weights, then evaluate."""
+
+    def __init__(self, model, aff, **kw):
+        super().__init__(model, aff, **kw)
+        import copy
+
+        self.net = copy.deepcopy(model).to(self.device).eval()
+        if self.dtype == torch.float64:
+            self.net.to(torch.float64)
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        self.ref_cache: list[torch.Tensor] | None = None
+
+    def _run(self, state: dict[str, torch.Tensor], data):
+        self.net.load_state_dict(state)
+        if self.policy == "recompute":
+            _recalibrate(self.net, self.bn_data, self.batches)
+        for x, y in self.batches(data):
+            yield logits_of(_call(self.net, x)), y
+
+    def _state(self, pts: Points, k: int) -> dict[str, torch.Tensor]:
+        idx, c = pts.anchor_idx[k:k + 1], pts.coefs[k:k + 1]
+        state = {name: combine(p.anchors, p.dirs, idx, c)[0] for name, p in self.aff.params.items()}
+        state.update(self.aff.carried)
+        return state
+
+    def evaluate(self, pts: Points, ref: Points | None, data) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {}
+        with torch.inference_mode(), precision_context(self.precision, self.device):
+            if ref is not None and self.ref_cache is None:
+                self.ref_cache = [z for z, _ in self._run(self._state(ref, 0), data)]
+            for k in range(pts.K):
+                m = PointMetrics(1, loss_fn=self.loss_fn, reference=ref is not None)
+                n = 0
+                for i, (z, y) in enumerate(self._run(self._state(pts, k), data)):
+                    m.update(z[None], y, None if ref is None else self.ref_cache[i])
+                    n += y.shape[0]
+                    self.tick(1 / pts.K)
+                for name, v in m.compute().items():
+                    out.setdefault(name, []).append(v[0])
+                self.num_samples = n
+        return {k: np.asarray(v) for k, v in out.items()}
+
+
+class _VmapEvaluator(_Evaluator):
+    """Baseline: torch.func.functional_call + vmap over K materialized copies of the whole model."""
+
+    def __init__(self, model, aff, **kw):
+        super().__init__(model, aff, **kw)
+        import copy
+
+        if self.policy == "recompute":
+            raise ValueError("method='vmap' does not support bn='recompute' (use 'engine' or 'loop')")
+        self.net = copy.deepcopy(model).to(self.device).eval()
+        if self.dtype == torch.float64:
+            self.net.to(torch.float64)
+        self.aff = aff.to(self.device)
+
+    def evaluate(self, pts: Points, ref: Points | None, data) -> dict[str, np.ndarray]:
+        from torch.func import functional_call, vmap
+
+        K = pts.K
+        allp = pts if ref is None else Points(torch.cat([pts.anchor_idx, ref.anchor_idx]),
+                                              torch.cat([pts.coefs, ref.coefs]))
+        allp = allp.to(self.device)
+        params = {n: combine(p.anchors, p.dirs, allp.anchor_idx, allp.coefs) for n, p in self.aff.params.items()}
+        params.update({n: v.expand(allp.K, *v.shape) for n, v in self.aff.carried.items()})
+        metrics = PointMetrics(K, loss_fn=self.loss_fn, reference=ref is not None)
+        fn = vmap(lambda p, x: logits_of(_call_functional(functional_call, self.net, p, x)), in_dims=(0, None))
+        with torch.inference_mode(), precision_context(self.precision, self.device):
+            n = 0
+            for x, y in self.batches(data):
+                logits = fn(params, x)
+                metrics.update(logits[:K], y, None if ref is None else logits[K])
+                n += y.shape[0]
+                self.tick(1)
+        self.num_samples = n
+        return metrics.compute()
+
+
+def _call_functional(functional_call, net, params, x):
+    if isinstance(x, dict):
+        return functional_call(net, params, (), x)
+    if isinstance(x, (tuple, list)):
+        return functional_call(net, params, tuple(x))
+    return functional_call(net, params, (x,))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The public entry point
+
+
+def _fingerprint(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def sweep(
+    model: nn.Module,
+    ckpts,
+    alphas=None,
+    data=None,
+    *,
+    bn: str = "interpolate",
+    bn_data=None,
+    precision: str = "fp32",
+    batch_size: int = 1000,
+    points_per_pass: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    reference="first",
+    method: str = "engine",
+    store=None,
+    name: str | None = None,
+    fallback: Sequence[str | type] = (),
+    channels_last: bool = False,
+    labels: Sequence[str] | None = None,
+) -> SweepResult:
+    """Evaluate ``model`` at every point of a slice of weight space.
+
+    Parameters
+    ----------
+    model : the network (an ``nn.Module``; never modified).
+    ckpts : a pair ``(theta_a, theta_b)`` for a line, or a slice (``Line``, ``Bilinear``, ``Barycentric``,
+        ``Ray``, ``RandomDirections``). Checkpoints may be modules, state dicts or paths (.pt/.pth/.safetensors).
+    alphas : the line's coordinates (list, array, tensor or ``"start:stop:num"``); values outside [0, 1]
+        extrapolate. Slices may carry their own coordinates.
+    data : an ``(X, y)`` pair, a ``Dataset``, or any re-iterable of ``(x, y)`` batches (DataLoader, FFCV loader,
+        ``lerpfast.data.load(...)``); x may be a tensor or a tuple / dict of tensors.
+    bn : ``"interpolate"`` (running statistics follow the slice), ``"endpoint"`` / ``"endpoint:i"`` (checkpoint
+        i's statistics), ``"recompute"`` (reset and recalibrate every point on ``bn_data``, then evaluate).
+    bn_data : calibration data for ``bn="recompute"`` (training data; defaults to ``data`` with a warning).
+    precision : ``"fp32"`` (exact fp32, no TF32), ``"tf32"``, ``"bf16"`` (autocast), or ``"fp64"`` (reference).
+        Weights are always combined in fp32 (fp64 for ``"fp64"``); metrics are reduced in float64.
+    batch_size : batch size used when ``data`` is an (X, y) pair or a Dataset.
+    points_per_pass : points evaluated per forward pass (default: all; halved automatically on out-of-memory).
+    device : where to run (default: the model's device).
+    progress : show a tqdm bar (default: when the sweep is long and stderr is a terminal).
+    loss_fn : ``loss_fn(logits, target)`` returning per-sample losses (default: cross-entropy).
+    reference : point for functional distance and disagreement: ``"first"`` (the first checkpoint), a point
+        index, or None to skip them.
+    method : ``"engine"`` (batched), ``"loop"`` (the per-point oracle) or ``"vmap"`` (torch.func baseline).
+    store, name : an HDF5 file (path or ``lerpfast.store.ResultStore``) and sweep name: results are written
+        chunk by chunk and a re-run computes only the missing points.
+    fallback : module names or types to force onto the per-module fallback path.
+    channels_last : run 4-d activations in channels_last memory format.
+    labels : names of the checkpoints for error messages and metadata.
+
+    Returns
+    -------
+    SweepResult with ``.coords`` (K x D), ``.alphas``, ``.loss``, ``.error``, ``.metrics`` and ``.meta``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: expected one of {METHODS}")
+    policy, bn_source = _parse_bn(bn)
+    if precision not in ("fp32", "tf32", "bf16", "fp64"):
+        raise ValueError(f"precision={precision!r}: expected 'fp32', 'tf32', 'bf16' or 'fp64'")
+    if device is None:
+        p = next(iter(model.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    spec: Slice = as_slice(ckpts, alphas)
+    combine_dtype = torch.float64 if precision == "fp64" else torch.float32
+    states = load_checkpoints(spec.sources, model, labels)
+    aff = spec.resolve(states, model, combine_dtype)
+    _apply_bn_policy(aff, states, model, policy, bn_source)
+    del states
+    batches = as_batches(data, batch_size)
+    if policy == "recompute":
+        if bn_data is None:
+            warnings.warn("bn='recompute' without bn_data: recalibrating on the evaluation data; pass bn_data= "
+                          "(training data) to follow the usual protocol", stacklevel=2)
+            bn_calib = batches
+        else:
+            bn_calib = as_batches(bn_data, batch_size)
+    else:
+        bn_calib = None
+    ref = _reference_points(aff, reference)
+    K = aff.K
+
+    checkpoints = [describe(s) for s in spec.sources]
+    meta = {
+        "slice": spec.describe(), "K": K, "J": aff.J, "bn": bn, "precision": precision, "method": method,
+        "checkpoints": checkpoints, "model": type(model).__name__,
+        "model_params": int(sum(p.numel() for p in model.parameters())),
+        "data": _describe_data(batches), "batch_size": batch_size,
+        "loss_fn": getattr(loss_fn, "__name__", type(loss_fn).__name__) if loss_fn else "cross_entropy",
+        "reference": reference if reference is None or isinstance(reference, (int, str)) else str(reference),
+        "lerpfast_version": __version__, "torch_version": torch.__version__, "device": str(device),
+        "slice_info": aff.info,
+    }
+    fingerprint = _fingerprint({k: meta[k] for k in ("slice", "bn", "precision", "checkpoints", "model",
+                                                     "model_params", "data", "loss_fn", "reference")})
+    meta["fingerprint"] = fingerprint
+
+    metrics: dict[str, np.ndarray] = {}
+    todo = np.arange(K)
+    handle = None
+    if store is not None:
+        from lerpfast import store as store_mod
+
+        rs = store if isinstance(store, store_mod.ResultStore) else store_mod.ResultStore(store, mode="a")
+        handle = rs.open_sweep(name or "sweep", coords=aff.coords, coord_names=aff.coord_names,
+                               metric_names=_metric_names(ref is not None, loss_fn), attrs=meta,
+                               grid_shape=aff.grid_shape)
+        todo = np.asarray(handle.missing(), dtype=np.int64)
+
+    P = max(1, min(int(points_per_pass or K), K))
+    n_batches = _len_or_none(batches)
+    total = None if n_batches is None else n_batches * math.ceil(len(todo) / P)
+    bar = _progress_bar(progress, total, f"sweep {spec.kind} K={K}")
+    kw = dict(device=device, precision=precision, policy=policy, bn_data=bn_calib, loss_fn=loss_fn,
+              channels_last=channels_last, progress_cb=(bar.update if bar is not None else (lambda n: None)))
+    t0 = time.perf_counter()
+    if method == "engine":
+        ev = _EngineEvaluator(model, aff, fallback=fallback, **kw)
+        meta["paths"] = None
+    elif method == "loop":
+        ev = _LoopEvaluator(model, aff, **kw)
+    else:
+        ev = _VmapEvaluator(model, aff, **kw)
+    t_setup = time.perf_counter() - t0
+    done = 0
+    try:
+        while done < len(todo):
+            chunk = todo[done:done + P]
+            try:
+                vals = ev.evaluate(aff.points(chunk), ref, batches)
+            except torch.OutOfMemoryError:
+                if P == 1:
+                    raise
+                P = max(1, P // 2)
+                warnings.warn(f"out of memory with {len(chunk)} points per pass: retrying with {P}", stacklevel=2)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            for key, v in vals.items():
+                metrics.setdefault(key, np.full(K, np.nan))[chunk] = v
+            if handle is not None:
+                handle.write(chunk, vals)
+            done += len(chunk)
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - t0
+    if handle is not None:
+        stored = rs.read(name or "sweep")
+        metrics = {k: np.asarray(v, dtype=np.float64) for k, v in stored.metrics.items()}
+        if not isinstance(store, store_mod.ResultStore):
+            rs.close()
+    n = ev.num_samples
+    meta.update({
+        "num_samples": int(n), "points_per_pass": P, "points_computed": int(len(todo)),
+        "seconds": elapsed, "setup_seconds": t_setup,
+        "image_points_per_second": (len(todo) * n / (elapsed - t_setup)) if elapsed > t_setup and n else None,
+    })
+    if method == "engine":
+        meta["paths"] = ev.mp.report()
+        meta["held_bytes"] = ev.mp.held_bytes()
+        meta["max_materialized_bytes"] = ev.mp.ctx.max_materialized
+    return SweepResult(aff.kind, aff.coords, aff.coord_names, metrics, meta, aff.grid_shape)
+
+
+def _metric_names(reference: bool, loss_fn) -> list[str]:
+    names = ["loss", "error", "top5_error"]
+    return names + (["distance", "disagreement"] if reference else [])
+
+
+def _len_or_none(x) -> int | None:
+    try:
+        return len(x)
+    except TypeError:
+        return None
+
+
+def _progress_bar(progress: bool | None, total: int | None, desc: str):
+    import sys
+
+    if progress is None:
+        progress = sys.stderr.isatty() and (total or 0) > 20
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False)

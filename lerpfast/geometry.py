@@ -1,0 +1,398 @@
+"""Slices of weight space: lines, planes, rays and random directions, all in one affine form.
+
+Every slice resolves to an :class:`AffineSlice`: M anchor points, J <= 3 direction tensors per model
+tensor, and for each of the K points an anchor index and J coefficients (DESIGN §2)::
+
+    theta_k = anchors[anchor_idx[k]] + sum_j coefs[k, j] * dirs[j]
+
+Anchors keep the defining points bit-exact. A line uses torch.lerp's two-sided formula
+(``a + t*(b-a)`` for t < 0.5, ``b + (t-1)*(b-a)`` for t >= 0.5, coefficients computed in the combine
+dtype as torch.lerp does), and every corner of a bilinear or barycentric plane is its own anchor.
+
+>>> line = Line(theta_init, theta_final, alphas="-0.5:1.5:81")
+>>> plane = Bilinear(t1, t2, t3, t4, alphas="0:1:21", betas="0:1:21")
+>>> ray = Ray(theta1, theta0, lambdas="0:40:41")          # Im et al. eq. 1, absolute distance
+>>> rnd = RandomDirections(theta_star, xs="-1:1:31", ys="-1:1:31", seed=0)   # Li et al., filter-normalized
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lerpfast.engine.functional import ParamSlice, Points, combine
+
+__all__ = [
+    "AffineSlice", "Slice", "Line", "Bilinear", "Barycentric", "Ray", "RandomDirections",
+    "parse_coords", "as_slice",
+]
+
+
+def parse_coords(values: Any, name: str = "alphas") -> np.ndarray:
+    """Coordinates from a list, array, tensor, scalar, or a ``"start:stop:num"`` string (inclusive, like linspace).
+
+    >>> parse_coords("0:1:5")
+    array([0.  , 0.25, 0.5 , 0.75, 1.  ])
+    """
+    if isinstance(values, str):
+        parts = values.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"{name}={values!r}: expected 'start:stop:num', e.g. '0:1:101'")
+        try:
+            start, stop, num = float(parts[0]), float(parts[1]), int(parts[2])
+        except ValueError as e:
+            raise ValueError(f"{name}={values!r}: expected 'start:stop:num' with numbers, e.g. '-0.5:1.5:81'") from e
+        if num < 1:
+            raise ValueError(f"{name}={values!r}: num must be >= 1")
+        return np.linspace(start, stop, num, dtype=np.float64)
+    if torch.is_tensor(values):
+        values = values.detach().cpu().double().numpy()
+    arr = np.atleast_1d(np.asarray(values, dtype=np.float64))
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{name}: expected a non-empty 1-d sequence of numbers, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}: coordinates must be finite, got {arr[~np.isfinite(arr)][:3].tolist()}")
+    return arr
+
+
+@dataclass
+class AffineSlice:
+    """A resolved slice: per model tensor a :class:`ParamSlice`, plus the K points.
+
+    Attributes
+    ----------
+    params : dict name -> ParamSlice (floating tensors of the state dict; anchors (M, *S), dirs (J, *S)).
+    carried : dict name -> Tensor (integer buffers such as ``num_batches_tracked``: taken from anchor 0).
+    anchor_idx : (K,) int64.   coefs : (K, J) in the combine dtype.
+    coords : (K, D) user coordinates.   coord_names : their names.   grid_shape : (n_0, n_1) for grids.
+    """
+
+    kind: str
+    params: dict[str, ParamSlice]
+    carried: dict[str, torch.Tensor]
+    anchor_idx: torch.Tensor
+    coefs: torch.Tensor
+    coords: np.ndarray
+    coord_names: tuple[str, ...]
+    grid_shape: tuple[int, ...] | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def K(self) -> int:  # noqa: N802
+        return int(self.anchor_idx.shape[0])
+
+    @property
+    def J(self) -> int:  # noqa: N802
+        return int(self.coefs.shape[1])
+
+    def points(self, index: Sequence[int] | torch.Tensor | None = None) -> Points:
+        """The :class:`Points` of the given point indices (all by default)."""
+        if index is None:
+            return Points(self.anchor_idx, self.coefs)
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Points(self.anchor_idx[index], self.coefs[index])
+
+    def state_dict(self, k: int) -> dict[str, torch.Tensor]:
+        """Point k as a full state dict (the oracle's path), built with the engine's own formula."""
+        pts = self.points([k])
+        out = {name: combine(p.anchors, p.dirs, pts.anchor_idx, pts.coefs)[0] for name, p in self.params.items()}
+        out.update(self.carried)
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes held by the slice's tensors (independent of K)."""
+        return sum(p.nbytes() for p in self.params.values())
+
+    def to(self, device) -> AffineSlice:
+        params = {k: ParamSlice(p.anchors.to(device), None if p.dirs is None else p.dirs.to(device))
+                  for k, p in self.params.items()}
+        return AffineSlice(self.kind, params, {k: v.to(device) for k, v in self.carried.items()},
+                           self.anchor_idx, self.coefs, self.coords, self.coord_names, self.grid_shape, self.info)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def _float_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in state.items() if v.is_floating_point()]
+
+
+def _build(kind: str, anchors: list[dict], dirs: list[dict], anchor_idx, coefs, coords, names, dtype,
+           grid_shape=None, info=None) -> AffineSlice:
+    keys = _float_keys(anchors[0])
+    params = {}
+    for key in keys:
+        a = torch.stack([s[key] for s in anchors]).to(dtype)
+        d = torch.stack([s[key] for s in dirs]).to(dtype) if dirs else None
+        params[key] = ParamSlice(a, d)
+    carried = {k: v for k, v in anchors[0].items() if not v.is_floating_point()}
+    return AffineSlice(kind, params, carried, torch.as_tensor(anchor_idx, dtype=torch.long),
+                       torch.as_tensor(coefs).to(dtype).reshape(len(coords), -1), np.asarray(coords, np.float64),
+                       tuple(names), grid_shape, dict(info or {}))
+
+
+def _cast(states: list[dict], dtype) -> list[dict]:
+    return [{k: (v.to(dtype) if v.is_floating_point() else v) for k, v in s.items()} for s in states]
+
+
+def _sub(a: dict, b: dict) -> dict:
+    """a - b on floating entries (in the combine dtype)."""
+    return {k: a[k] - b[k] for k in _float_keys(a)}
+
+
+def _grid(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """(len(xs)*len(ys), 2) with the first coordinate slowest (C order, like np.meshgrid(indexing='ij'))."""
+    gx, gy = np.meshgrid(xs, ys, indexing="ij")
+    return np.stack([gx.ravel(), gy.ravel()], axis=1)
+
+
+class Slice:
+    """Base class of slice specifications: checkpoint sources plus coordinates, resolved against a model."""
+
+    kind = "slice"
+    #: checkpoints (modules, state dicts or paths) in the order the slice names them
+    sources: list
+
+    def resolve(self, states: list[dict[str, torch.Tensor]], model: nn.Module, dtype: torch.dtype) -> AffineSlice:
+        raise NotImplementedError
+
+    def with_default_coords(self, alphas) -> Slice:
+        """Fill in coordinates that were left out at construction from ``sweep``'s ``alphas``."""
+        return self
+
+    def describe(self) -> dict:
+        return {"kind": self.kind}
+
+
+class Line(Slice):
+    """``theta(a) = (1-a)*theta_a + a*theta_b`` for each alpha (inside or outside [0, 1]); endpoints bit-exact.
+
+    Covers init -> final, solution -> solution, random point -> solution and the zoomed sweeps of
+    Goodfellow et al. (e.g. ``alphas="0.99:1:200"``).
+    """
+
+    kind = "line"
+
+    def __init__(self, theta_a, theta_b, alphas=None):
+        self.sources = [theta_a, theta_b]
+        self.alphas = None if alphas is None else parse_coords(alphas)
+
+    def with_default_coords(self, alphas) -> Line:
+        if alphas is not None:
+            self.alphas = parse_coords(alphas)
+        if self.alphas is None:
+            raise ValueError("Line: no alphas given (pass alphas=..., e.g. '0:1:101')")
+        return self
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "alphas": self.alphas.tolist()}
+
+    def resolve(self, states, model, dtype) -> AffineSlice:
+        a, b = _cast(states, dtype)
+        t = torch.as_tensor(self.alphas, dtype=torch.float64).to(dtype)  # rounded to the combine dtype first,
+        upper = t >= 0.5                                                  # then 1-w in that dtype: torch.lerp's order
+        coefs = torch.where(upper, t - 1, t)
+        return _build(self.kind, [a, b], [_sub(b, a)], upper.long(), coefs[:, None], self.alphas[:, None],
+                      ("alpha",), dtype)
+
+
+class Bilinear(Slice):
+    """Bilinear surface over four points (Im et al. appendix A.1) on the grid alphas x betas.
+
+    ``theta(a, b) = (1-b)*((1-a)*t1 + a*t2) + b*((1-a)*t3 + a*t4)
+                  = t1 + a*(t2-t1) + b*(t3-t1) + a*b*(t1-t2-t3+t4)``; each corner is exact.
+    """
+
+    kind = "bilinear"
+
+    def __init__(self, t1, t2, t3, t4, alphas=None, betas=None):
+        self.sources = [t1, t2, t3, t4]
+        self.alphas = None if alphas is None else parse_coords(alphas)
+        self.betas = None if betas is None else parse_coords(betas, "betas")
+
+    def with_default_coords(self, alphas) -> Slice:
+        if self.alphas is None:
+            if alphas is None:
+                raise ValueError(f"{type(self).__name__}: no alphas given")
+            self.alphas = parse_coords(alphas)
+        if self.betas is None:
+            self.betas = self.alphas
+        return self
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "alphas": self.alphas.tolist(), "betas": self.betas.tolist()}
+
+    def _corners(self) -> dict[tuple[float, float], int]:
+        return {(0.0, 0.0): 0, (1.0, 0.0): 1, (0.0, 1.0): 2, (1.0, 1.0): 3}
+
+    def _coefs(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.stack([a, b, a * b], axis=1)
+
+    def _dirs(self, t: list[dict]) -> list[dict]:
+        t1, t2, t3, t4 = t
+        cross = {k: (t1[k] - t2[k]) - t3[k] + t4[k] for k in _float_keys(t1)}
+        return [_sub(t2, t1), _sub(t3, t1), cross]
+
+    def resolve(self, states, model, dtype) -> AffineSlice:
+        t = _cast(states, dtype)
+        coords = _grid(self.alphas, self.betas)
+        coefs = self._coefs(coords[:, 0], coords[:, 1])
+        idx = np.zeros(len(coords), dtype=np.int64)
+        for (ca, cb), m in self._corners().items():
+            hit = (coords[:, 0] == ca) & (coords[:, 1] == cb)
+            idx[hit] = m
+            coefs[hit] = 0.0
+        return _build(self.kind, t, self._dirs(t), idx, torch.from_numpy(coefs), coords, ("alpha", "beta"),
+                      dtype, grid_shape=(len(self.alphas), len(self.betas)))
+
+
+class Barycentric(Bilinear):
+    """Plane through three points (Im et al. appendix A.1) on the grid alphas x betas in [0, 1]^2.
+
+    ``theta(a, b) = t0 + a*(b*(t1-t0) + (1-b)*(t2-t0))``: a runs from t0 (a=0) to the edge t2..t1 (a=1),
+    b along that edge (b=0: t2, b=1: t1). The three points are exact.
+    """
+
+    kind = "barycentric"
+
+    def __init__(self, t0, t1, t2, alphas=None, betas=None):
+        self.sources = [t0, t1, t2]
+        self.alphas = None if alphas is None else parse_coords(alphas)
+        self.betas = None if betas is None else parse_coords(betas, "betas")
+
+    def _corners(self) -> dict[tuple[float, float], int]:
+        return {(1.0, 1.0): 1, (1.0, 0.0): 2}
+
+    def _coefs(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.stack([b * a, (1 - b) * a], axis=1)
+
+    def _dirs(self, t: list[dict]) -> list[dict]:
+        return [_sub(t[1], t[0]), _sub(t[2], t[0])]
+
+    def resolve(self, states, model, dtype) -> AffineSlice:
+        out = super().resolve(states, model, dtype)
+        zero = np.all(out.coords[:, :1] == 0.0, axis=1)  # a = 0 is t0 whatever b is
+        out.coefs[torch.from_numpy(zero)] = 0.0
+        return out
+
+
+def _parameter_names(model: nn.Module) -> set[str]:
+    return {n for n, _ in model.named_parameters(remove_duplicate=False)}
+
+
+class Ray(Slice):
+    """Ray of absolute length from theta1 towards theta0 (Im et al. eq. 1):
+    ``theta(l) = theta1 + l * (theta0 - theta1) / ||theta0 - theta1||``.
+
+    The norm runs over the model's parameters (buffers excluded); running statistics follow the same
+    direction so that ``l = ||theta0 - theta1||`` reaches theta0 in every tensor. ``info['distance']`` holds it.
+    """
+
+    kind = "ray"
+
+    def __init__(self, theta1, theta0, lambdas=None):
+        self.sources = [theta1, theta0]
+        self.lambdas = None if lambdas is None else parse_coords(lambdas, "lambdas")
+
+    def with_default_coords(self, alphas) -> Ray:
+        if self.lambdas is None:
+            if alphas is None:
+                raise ValueError("Ray: no lambdas given")
+            self.lambdas = parse_coords(alphas, "lambdas")
+        return self
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "lambdas": self.lambdas.tolist()}
+
+    def resolve(self, states, model, dtype) -> AffineSlice:
+        t1, t0 = _cast(states, dtype)
+        diff = _sub(t0, t1)
+        pnames = _parameter_names(model)
+        sq = sum(float(diff[k].double().pow(2).sum()) for k in diff if k in pnames)
+        dist = float(np.sqrt(sq))
+        if dist == 0.0:
+            raise ValueError("Ray: theta0 and theta1 are identical, the direction is undefined")
+        unit = {k: v / dist for k, v in diff.items()}
+        lam = self.lambdas
+        return _build(self.kind, [t1], [unit], np.zeros(len(lam), np.int64), torch.from_numpy(lam[:, None].copy()),
+                      lam[:, None], ("lambda",), dtype, info={"distance": dist})
+
+
+class RandomDirections(Slice):
+    """Random directions around theta* (Li et al. 2018): one (``ys=None``) or two filter-normalized directions.
+
+    Each direction is Gaussian; with ``filter_normalize`` every filter (slice along dim 0 of a weight with
+    >= 2 dims) is rescaled to the norm of the same filter of theta*. Tensors with <= 1 dim (biases, BN
+    weights) get a zero direction when ``ignore_bias_bn`` (Li et al.'s default), else are rescaled to
+    theta*'s norm. Buffers (running statistics) always get a zero direction. Reproducible from ``seed``.
+    """
+
+    kind = "random"
+
+    def __init__(self, center, xs=None, ys=None, *, seed: int = 0, filter_normalize: bool = True,
+                 ignore_bias_bn: bool = True):
+        self.sources = [center]
+        self.xs = None if xs is None else parse_coords(xs, "xs")
+        self.ys = None if ys is None else parse_coords(ys, "ys")
+        self.seed, self.filter_normalize, self.ignore_bias_bn = seed, filter_normalize, ignore_bias_bn
+
+    def with_default_coords(self, alphas) -> RandomDirections:
+        if self.xs is None:
+            if alphas is None:
+                raise ValueError("RandomDirections: no xs given")
+            self.xs = parse_coords(alphas, "xs")
+        return self
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "xs": self.xs.tolist(), "ys": None if self.ys is None else self.ys.tolist(),
+                "seed": self.seed, "filter_normalize": self.filter_normalize, "ignore_bias_bn": self.ignore_bias_bn}
+
+    def directions(self, center: dict[str, torch.Tensor], model: nn.Module, n: int) -> list[dict]:
+        """The n random directions (float32 draws from a seeded CPU generator, in state-dict order)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        pnames = _parameter_names(model)
+        dirs: list[dict] = [{} for _ in range(n)]
+        for key in _float_keys(center):
+            theta = center[key]
+            for j in range(n):
+                d = torch.randn(theta.shape, generator=gen, dtype=torch.float32).to(theta.dtype)
+                if key not in pnames or (theta.dim() <= 1 and self.ignore_bias_bn):
+                    d = torch.zeros_like(theta)
+                elif self.filter_normalize and theta.dim() >= 2:
+                    dn = d.flatten(1).norm(dim=1)
+                    tn = theta.flatten(1).norm(dim=1)
+                    d = d * (tn / (dn + 1e-10)).reshape((-1,) + (1,) * (theta.dim() - 1))
+                elif self.filter_normalize:
+                    d = d * (theta.norm() / (d.norm() + 1e-10))
+                dirs[j][key] = d
+        return dirs
+
+    def resolve(self, states, model, dtype) -> AffineSlice:
+        (c,) = _cast(states, dtype)
+        if self.ys is None:
+            coords = self.xs[:, None]
+            names, grid = ("x",), None
+        else:
+            coords = _grid(self.xs, self.ys)
+            names, grid = ("x", "y"), (len(self.xs), len(self.ys))
+        dirs = self.directions(c, model, coords.shape[1])
+        return _build(self.kind, [c], dirs, np.zeros(len(coords), np.int64), torch.from_numpy(coords.copy()),
+                      coords, names, dtype, grid_shape=grid)
+
+
+def as_slice(ckpts, alphas) -> Slice:
+    """``sweep``'s ``ckpts`` argument as a :class:`Slice`: a Slice as is, or a pair of checkpoints (a line)."""
+    if isinstance(ckpts, Slice):
+        return ckpts.with_default_coords(alphas)
+    if isinstance(ckpts, (list, tuple)) and len(ckpts) == 2:
+        return Line(ckpts[0], ckpts[1]).with_default_coords(alphas)
+    raise TypeError(
+        "ckpts must be a pair (theta_a, theta_b) for a line, or a slice object "
+        "(lerpfast.Line, Bilinear, Barycentric, Ray, RandomDirections); "
+        f"got {type(ckpts).__name__}" + (f" of length {len(ckpts)}" if isinstance(ckpts, (list, tuple)) else ""))
