@@ -81,6 +81,32 @@ def combine(anchors: torch.Tensor, dirs: torch.Tensor | None, anchor_idx: torch.
     return out
 
 
+def _bank(w: ParamSlice, pts: Points) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct tensors the points mix, (T, *S) = used anchors then directions, and the (K, T) mixing matrix.
+
+    Row k of the matrix holds 1 at point k's anchor and its coefficients at the directions, so a point on an
+    anchor gets exactly that anchor's output (1*y + 0*y' rounds to y).
+    """
+    used, pos = torch.unique(pts.anchor_idx, return_inverse=True)
+    parts = [w.anchors.index_select(0, used)]
+    if w.dirs is not None and pts.J:
+        parts.append(w.dirs)
+    bank = torch.cat(parts, 0)
+    mix = torch.zeros((pts.K, bank.shape[0]), dtype=w.anchors.dtype, device=w.anchors.device)
+    mix[torch.arange(pts.K, device=mix.device), pos] = 1
+    if len(parts) == 2:
+        mix[:, used.numel():] = pts.coefs.to(mix.dtype)
+    return bank, mix
+
+
+def _mix(mix: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(K, T) @ (T, ...) -> (K, ...), in fp32 at least: the coefficients must not be rounded to bf16 by autocast."""
+    dt = mix.dtype if mix.dtype == torch.float64 else torch.float32
+    with torch.autocast(y.device.type, enabled=False):
+        out = torch.matmul(mix.to(dt), y.reshape(y.shape[0], -1).to(dt))
+    return out.reshape(mix.shape[0], *y.shape[1:])
+
+
 def _points_bias(b: ParamSlice | None, pts: Points) -> torch.Tensor | None:
     return None if b is None else combine(b.anchors, b.dirs, pts.anchor_idx, pts.coefs)
 
@@ -100,17 +126,11 @@ def lerp_linear(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Point
     (K, N, out)
     """
     if shared_input:
-        # The same N rows for every point: x @ anchor^T and x @ dir_j^T once (M + J GEMMs over N rows
-        # instead of K), then mixed per point. For LeNet-300-100 the first layer is 88 % of the FLOPs.
-        used = torch.unique(pts.anchor_idx)
-        ya = torch.zeros((w.anchors.shape[0], x.shape[0], w.anchors.shape[1]), dtype=x.dtype, device=x.device)
-        ya[used] = torch.matmul(x, w.anchors[used].transpose(-1, -2))  # (|used|, N, out)
-        out = ya.index_select(0, pts.anchor_idx)  # (K, N, out)
-        if w.dirs is not None and pts.J:
-            yd = torch.matmul(x, w.dirs.transpose(-1, -2))  # (J, N, out)
-            c = pts.coefs.to(yd.dtype)
-            for j in range(pts.J):
-                out = out + c[:, j, None, None] * yd[j]
+        # The same N rows for every point: x @ anchor^T and x @ dir_j^T once (|anchors| + J GEMMs over N rows
+        # instead of K), then one small GEMM mixes them per point. LeNet-300-100's first layer is 88 % of its FLOPs.
+        bank, mix = _bank(w, pts)  # (T, out, in), (K, T)
+        y = torch.matmul(x, bank.to(x.dtype).transpose(-1, -2))  # (T, N, out)
+        out = _mix(mix, y)
     else:
         weight = combine(w.anchors, w.dirs, pts.anchor_idx, pts.coefs)  # (K, out, in)
         out = torch.bmm(x, weight.to(x.dtype).transpose(1, 2))  # (K, N, out)
@@ -140,19 +160,17 @@ def lerp_conv(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Points,
     conv = _CONV[nd]
     K = pts.K
     if shared_input:
-        # Convolve the N shared rows with the M anchors and J directions (linear in the weights), then mix.
-        used = torch.unique(pts.anchor_idx)
-        ws = [w.anchors[used]] + ([w.dirs] if (w.dirs is not None and pts.J) else [])
-        bank = torch.cat(ws, 0)  # (T, O, C/g, *k)
-        xt = x.unsqueeze(0).expand(bank.shape[0], *x.shape)
-        y = _grouped(conv, xt, bank.to(x.dtype), None, stride, padding, dilation, groups)  # (T, N, O, *sp)
-        pos = torch.full((w.anchors.shape[0],), -1, dtype=torch.long, device=x.device)
-        pos[used] = torch.arange(used.numel(), device=x.device)
-        out = y.index_select(0, pos.index_select(0, pts.anchor_idx))
-        c = pts.coefs.to(y.dtype)
-        view = (K,) + (1,) * (y.dim() - 1)
-        for j in range(pts.J if w.dirs is not None else 0):
-            out = out + c[:, j].reshape(view) * y[used.numel() + j]
+        # Convolution is linear in the weights: convolve the N shared rows with the used anchors and the J
+        # directions once, then mix per point with one small GEMM.
+        bank, mix = _bank(w, pts)  # (T, O, C/g, *k), (K, T)
+        T, O = bank.shape[:2]
+        if groups == 1:  # one ordinary conv with T*O output channels
+            y = conv(x, bank.reshape(T * O, *bank.shape[2:]).to(x.dtype), None, stride, padding, dilation)
+            y = y.reshape(y.shape[0], T, O, *y.shape[2:]).transpose(0, 1)  # (T, N, O, *sp)
+        else:
+            xt = x.unsqueeze(0).expand(T, *x.shape)
+            y = _grouped(conv, xt, bank.to(x.dtype), None, stride, padding, dilation, groups)  # (T, N, O, *sp)
+        out = _mix(mix, y)
     else:
         weight = combine(w.anchors, w.dirs, pts.anchor_idx, pts.coefs).to(x.dtype)  # (K, O, C/g, *k)
         out = _grouped(conv, x, weight, None, stride, padding, dilation, groups)
