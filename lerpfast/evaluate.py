@@ -342,6 +342,7 @@ def sweep(
     fallback: Sequence[str | type] = (),
     channels_last: bool = False,
     labels: Sequence[str] | None = None,
+    distributed: bool | None = None,
 ) -> SweepResult:
     """Evaluate ``model`` at every point of a slice of weight space.
 
@@ -372,6 +373,9 @@ def sweep(
     fallback : module names or types to force onto the per-module fallback path.
     channels_last : run 4-d activations in channels_last memory format.
     labels : names of the checkpoints for error messages and metadata.
+    distributed : shard the points across the ranks of the initialized ``torch.distributed`` process group
+        (default: when one is initialized with more than one rank). Every rank returns the full result; only
+        rank 0 opens the store. Launch with ``torchrun``; each rank evaluates on its own ``device``.
 
     Returns
     -------
@@ -423,7 +427,8 @@ def sweep(
     metrics: dict[str, np.ndarray] = {}
     todo = np.arange(K)
     handle = None
-    if store is not None:
+    rank, world = _dist_info(distributed)
+    if store is not None and rank == 0:
         from lerpfast import store as store_mod
 
         rs = store if isinstance(store, store_mod.ResultStore) else store_mod.ResultStore(store, mode="a")
@@ -431,6 +436,8 @@ def sweep(
                                metric_names=_metric_names(ref is not None, loss_fn), attrs=meta,
                                grid_shape=aff.grid_shape)
         todo = np.asarray(handle.missing(), dtype=np.int64)
+    if world > 1:
+        todo = _broadcast(todo)
 
     P = max(1, min(int(points_per_pass or K), K))
     n_batches = _len_or_none(batches)
@@ -450,26 +457,35 @@ def sweep(
     done = 0
     try:
         while done < len(todo):
-            chunk = todo[done:done + P]
+            round_ = todo[done:done + P * world]  # each rank takes P points of the round
+            mine = round_[rank * P:(rank + 1) * P]
+            vals, oom = {}, False
             try:
-                vals = ev.evaluate(aff.points(chunk), ref, batches)
+                if len(mine):
+                    vals = ev.evaluate(aff.points(mine), ref, batches)
             except torch.OutOfMemoryError:
                 if P == 1:
                     raise
+                oom = True
+            parts = [(mine, vals, oom)] if world == 1 else _all_gather(mine, vals, oom, world)
+            if any(p[2] for p in parts):  # out of memory anywhere: every rank halves and redoes the round
                 P = max(1, P // 2)
-                warnings.warn(f"out of memory with {len(chunk)} points per pass: retrying with {P}", stacklevel=2)
+                warnings.warn(f"out of memory with {len(mine)} points per pass: retrying with {P}", stacklevel=2)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            for key, v in vals.items():
-                metrics.setdefault(key, np.full(K, np.nan))[chunk] = v
-            if handle is not None:
-                handle.write(chunk, vals)
-            done += len(chunk)
+            for idx, v, _ in parts:
+                for key, arr in v.items():
+                    metrics.setdefault(key, np.full(K, np.nan))[idx] = arr
+                if handle is not None and len(idx):
+                    handle.write(idx, v)
+            done += len(round_)
     finally:
         if bar is not None:
             bar.close()
     elapsed = time.perf_counter() - t0
+    if world > 1 and store is not None:
+        metrics = _broadcast(metrics if rank == 0 else None)  # rank 0 read the store: every rank returns it
     if handle is not None:
         stored = rs.read(name or "sweep")
         metrics = {k: np.asarray(v, dtype=np.float64) for k, v in stored.metrics.items()}
@@ -477,7 +493,7 @@ def sweep(
             rs.close()
     n = ev.num_samples
     meta.update({
-        "num_samples": int(n), "points_per_pass": P, "points_computed": int(len(todo)),
+        "num_samples": int(n), "points_per_pass": P, "points_computed": int(len(todo)), "world_size": world,
         "seconds": elapsed, "setup_seconds": t_setup,
         "image_points_per_second": (len(todo) * n / (elapsed - t_setup)) if elapsed > t_setup and n else None,
     })
@@ -486,6 +502,34 @@ def sweep(
         meta["held_bytes"] = ev.mp.held_bytes()
         meta["max_materialized_bytes"] = ev.mp.ctx.max_materialized
     return SweepResult(aff.kind, aff.coords, aff.coord_names, metrics, meta, aff.grid_shape)
+
+
+def _dist_info(distributed: bool | None) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    active = dist.is_available() and dist.is_initialized()
+    if distributed and not active:
+        raise RuntimeError("distributed=True but no torch.distributed process group is initialized "
+                           "(launch with torchrun and call torch.distributed.init_process_group)")
+    if not active or distributed is False:
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _all_gather(mine, vals, oom, world):
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, (np.asarray(mine), vals, oom))
+    return out
+
+
+def _broadcast(obj):
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _metric_names(reference: bool, loss_fn) -> list[str]:

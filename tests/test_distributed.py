@@ -1,0 +1,58 @@
+"""Points sharded across torch.distributed ranks (gloo on the CPU) give the single-process result."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import lerpfast
+
+
+def _setup():
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 4))
+    b = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 4))
+    g = torch.Generator().manual_seed(1)
+    return a, b.state_dict(), (torch.randn(19, 6, generator=g), torch.randint(0, 4, (19,), generator=g))
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        a, b, data = _setup()
+        r = lerpfast.sweep(a, (a, b), "-0.5:1.5:7", data, precision="fp64", points_per_pass=2, batch_size=5)
+        np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **r.metrics, world=r.meta["world_size"])
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_points_sharded_over_two_ranks(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    a, b, data = _setup()
+    single = lerpfast.sweep(a, (a, b), "-0.5:1.5:7", data, precision="fp64", batch_size=5)
+    for rank in range(2):
+        got = np.load(tmp_path / f"rank{rank}.npz")
+        assert int(got["world"]) == 2
+        for k, v in single.metrics.items():
+            np.testing.assert_allclose(got[k], v, rtol=1e-12, err_msg=f"rank {rank} {k}")
+
+
+def test_distributed_true_without_process_group_is_an_error():
+    a, b, data = _setup()
+    with pytest.raises(RuntimeError, match="torchrun"):
+        lerpfast.sweep(a, (a, b), [0.5], data, distributed=True)
