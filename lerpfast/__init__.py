@@ -3,15 +3,33 @@
 >>> import lerpfast
 >>> res = lerpfast.sweep(model, (theta_init, theta_final), "0:1:101", (X, y))
 >>> res.alphas, res.loss, res.error
+
+Names are imported on first use, so ``import lerpfast`` (and the ``lerpfast`` CLI's ``--help``) stays fast.
 """
 
+from importlib import import_module
+
 from lerpfast._version import __version__
-from lerpfast.checkpoints import CheckpointError
-from lerpfast.evaluate import sweep
-from lerpfast.geometry import Barycentric, Bilinear, Line, RandomDirections, Ray
-from lerpfast.result import SweepResult
 
 __all__ = [
     "__version__", "sweep", "SweepResult", "Line", "Bilinear", "Barycentric", "Ray", "RandomDirections",
-    "CheckpointError",
+    "CheckpointError", "ResultStore",
 ]
+
+_LAZY = {
+    "sweep": "lerpfast.evaluate", "SweepResult": "lerpfast.result", "Line": "lerpfast.geometry",
+    "Bilinear": "lerpfast.geometry", "Barycentric": "lerpfast.geometry", "Ray": "lerpfast.geometry",
+    "RandomDirections": "lerpfast.geometry", "CheckpointError": "lerpfast.checkpoints", "ResultStore": "lerpfast.store",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lerpfast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -446,51 +446,27 @@ def sweep(
     kw = dict(device=device, precision=precision, policy=policy, bn_data=bn_calib, loss_fn=loss_fn,
               channels_last=channels_last, progress_cb=(bar.update if bar is not None else (lambda n: None)))
     t0 = time.perf_counter()
-    if method == "engine":
-        ev = _EngineEvaluator(model, aff, fallback=fallback, **kw)
-        meta["paths"] = None
-    elif method == "loop":
-        ev = _LoopEvaluator(model, aff, **kw)
-    else:
-        ev = _VmapEvaluator(model, aff, **kw)
-    t_setup = time.perf_counter() - t0
-    done = 0
     try:
-        while done < len(todo):
-            round_ = todo[done:done + P * world]  # each rank takes P points of the round
-            mine = round_[rank * P:(rank + 1) * P]
-            vals, oom = {}, False
-            try:
-                if len(mine):
-                    vals = ev.evaluate(aff.points(mine), ref, batches)
-            except torch.OutOfMemoryError:
-                if P == 1:
-                    raise
-                oom = True
-            parts = [(mine, vals, oom)] if world == 1 else _all_gather(mine, vals, oom, world)
-            if any(p[2] for p in parts):  # out of memory anywhere: every rank halves and redoes the round
-                P = max(1, P // 2)
-                warnings.warn(f"out of memory with {len(mine)} points per pass: retrying with {P}", stacklevel=2)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            for idx, v, _ in parts:
-                for key, arr in v.items():
-                    metrics.setdefault(key, np.full(K, np.nan))[idx] = arr
-                if handle is not None and len(idx):
-                    handle.write(idx, v)
-            done += len(round_)
+        if method == "engine":
+            ev = _EngineEvaluator(model, aff, fallback=fallback, **kw)
+        elif method == "loop":
+            ev = _LoopEvaluator(model, aff, **kw)
+        else:
+            ev = _VmapEvaluator(model, aff, **kw)
+        t_setup = time.perf_counter() - t0
+        P = _run_chunks(ev, aff, ref, batches, todo, P, rank, world, metrics, handle, device)
+        elapsed = time.perf_counter() - t0
+        if world > 1 and store is not None:
+            metrics = _broadcast(metrics if rank == 0 else None)  # rank 0 read the store: every rank returns it
+        if handle is not None:
+            stored = rs.read(name or "sweep")
+            metrics = {k: np.asarray(v, dtype=np.float64) for k, v in stored.metrics.items()
+                       if not np.all(np.isnan(v))}  # e.g. top5_error of a model with < 5 classes
     finally:
         if bar is not None:
             bar.close()
-    elapsed = time.perf_counter() - t0
-    if world > 1 and store is not None:
-        metrics = _broadcast(metrics if rank == 0 else None)  # rank 0 read the store: every rank returns it
-    if handle is not None:
-        stored = rs.read(name or "sweep")
-        metrics = {k: np.asarray(v, dtype=np.float64) for k, v in stored.metrics.items()}
-        if not isinstance(store, store_mod.ResultStore):
-            rs.close()
+        if handle is not None and not isinstance(store, store_mod.ResultStore):
+            rs.close()  # releases the writer lock even when the sweep fails
     n = ev.num_samples
     meta.update({
         "num_samples": int(n), "points_per_pass": P, "points_computed": int(len(todo)), "world_size": world,
@@ -502,6 +478,38 @@ def sweep(
         meta["held_bytes"] = ev.mp.held_bytes()
         meta["max_materialized_bytes"] = ev.mp.ctx.max_materialized
     return SweepResult(aff.kind, aff.coords, aff.coord_names, metrics, meta, aff.grid_shape)
+
+
+def _run_chunks(ev, aff: AffineSlice, ref, batches, todo: np.ndarray, P: int, rank: int, world: int,
+                metrics: dict, handle, device: torch.device) -> int:
+    """Evaluate ``todo`` in rounds of P points per rank; write each finished chunk. Returns the final P."""
+    K = aff.K
+    done = 0
+    while done < len(todo):
+        round_ = todo[done:done + P * world]  # each rank takes P points of the round
+        mine = round_[rank * P:(rank + 1) * P]
+        vals, oom = {}, False
+        try:
+            if len(mine):
+                vals = ev.evaluate(aff.points(mine), ref, batches)
+        except torch.OutOfMemoryError:
+            if P == 1:
+                raise
+            oom = True
+        parts = [(mine, vals, oom)] if world == 1 else _all_gather(mine, vals, oom, world)
+        if any(p[2] for p in parts):  # out of memory anywhere: every rank halves and redoes the round
+            P = max(1, P // 2)
+            warnings.warn(f"out of memory with {len(mine)} points per pass: retrying with {P}", stacklevel=3)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        for idx, v, _ in parts:
+            for key, arr in v.items():
+                metrics.setdefault(key, np.full(K, np.nan))[idx] = arr
+            if handle is not None and len(idx):
+                handle.write(idx, v)
+        done += len(round_)
+    return P
 
 
 def _dist_info(distributed: bool | None) -> tuple[int, int]:

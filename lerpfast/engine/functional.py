@@ -163,10 +163,10 @@ def lerp_conv(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Points,
         # Convolution is linear in the weights: convolve the N shared rows with the used anchors and the J
         # directions once, then mix per point with one small GEMM.
         bank, mix = _bank(w, pts)  # (T, O, C/g, *k), (K, T)
-        T, O = bank.shape[:2]
+        T, n_out = bank.shape[:2]
         if groups == 1:  # one ordinary conv with T*O output channels
-            y = conv(x, bank.reshape(T * O, *bank.shape[2:]).to(x.dtype), None, stride, padding, dilation)
-            y = y.reshape(y.shape[0], T, O, *y.shape[2:]).transpose(0, 1)  # (T, N, O, *sp)
+            y = conv(x, bank.reshape(T * n_out, *bank.shape[2:]).to(x.dtype), None, stride, padding, dilation)
+            y = y.reshape(y.shape[0], T, n_out, *y.shape[2:]).transpose(0, 1)  # (T, N, O, *sp)
         else:
             xt = x.unsqueeze(0).expand(T, *x.shape)
             y = _grouped(conv, xt, bank.to(x.dtype), None, stride, padding, dilation, groups)  # (T, N, O, *sp)
