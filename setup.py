@@ -42,9 +42,12 @@ def get_extensions():
     build_cuda = bool(cuda_sources) and (flag == "1" or (flag != "0" and have_cuda))
     if flag == "1" and not have_cuda:
         warnings.warn("LERPFAST_BUILD_CUDA=1 but no CUDA toolkit / CUDA torch was found", stacklevel=1)
-    extra = {"cxx": ["-O3", "-std=c++17"]}
+    # -ffp-contract=off: no FMA merges c*d into a + c*d, so the C++ combine rounds each term like torch does
+    # (bit-identical weights, docs/architecture.md). No --use_fast_math for nvcc: its flush-to-zero would
+    # change denormal weights, and the kernels here are memory-bound, so it would buy nothing.
+    extra = {"cxx": ["-O3", "-std=c++17", "-ffp-contract=off"]}
     if build_cuda:
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
+        extra["nvcc"] = ["-O3", "-std=c++17", "--fmad=false"]
         ext = CUDAExtension("lerpfast._C", cpp + cuda_sources, extra_compile_args=extra,
                             define_macros=[("LERPFAST_WITH_CUDA", "1")])
     else:
@@ -72,6 +75,7 @@ setup(
         "tqdm",
         "safetensors",
         "scikit-learn",
+        "pillow",
     ],
     extras_require={
         "triton": ["triton>=3.6"],

@@ -316,3 +316,16 @@ def test_add_parser_registers_train_subcommand():
     cfg = train_cli.config_from_args(args)
     assert (cfg.model, cfg.nesterov, cfg.drop_last, cfg.switch_at, cfg.lr, cfg.optimizer) == (
         "resnet20", True, False, "75%", 0.05, None)
+
+
+def test_options_take_dashes_like_the_other_commands():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="lerpfast")
+    train_cli.add_parser(parser.add_subparsers(dest="command"))
+    dashed = train_cli.config_from_args(parser.parse_args(["train", "--batch-size", "64", "--switch-at", "50%",
+                                                           "--drop-last", "true", "--channels-last"]))
+    under = train_cli.config_from_args(parser.parse_args(["train", "--batch_size", "64", "--switch_at", "50%",
+                                                          "--drop_last", "true", "--channels_last"]))
+    assert dashed == under
+    assert (dashed.batch_size, dashed.switch_at, dashed.drop_last, dashed.channels_last) == (64, "50%", True, True)

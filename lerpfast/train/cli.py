@@ -51,15 +51,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfi
     for f in dataclasses.fields(cls):
         typ, optional = _base_type(f.type)
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
-        flag = f"--{f.name}"
+        # --batch-size like the other lerpfast commands; --batch_size (the field's name) is accepted too
+        flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
         if typ is bool and not optional and f.default is False:
-            parser.add_argument(flag, action="store_true", help=help_text)
+            parser.add_argument(*flags, dest=f.name, action="store_true", help=help_text)
         elif typ is bool:
-            parser.add_argument(flag, type=_bool, default=f.default, metavar="BOOL",
+            parser.add_argument(*flags, dest=f.name, type=_bool, default=f.default, metavar="BOOL",
                                 help=f"{help_text} (default: {f.default})")
         else:
             default_txt = "model's setting" if f.default is None else repr(f.default)
-            parser.add_argument(flag, type=typ, default=f.default, metavar=typ.__name__.upper(),
+            parser.add_argument(*flags, dest=f.name, type=typ, default=f.default, metavar=typ.__name__.upper(),
                                 help=f"{help_text} (default: {default_txt})")
 
 
