@@ -1,0 +1,387 @@
+"""Per-layer choice of the fastest correct implementation of the multi-point ops.
+
+The multi-point layers call :func:`lerp_linear`, :func:`lerp_conv` and :func:`point_metrics` here with the
+signatures of :mod:`lerpfast.engine.functional`. Backends:
+
+``torch``        the functional path: materialize the K weights of the layer (fp32 combine), then cuBLAS bmm /
+                 cuDNN grouped conv with the points folded into channels. Always available; the only path for
+                 CPU tensors in automatic mode.
+``triton``       fused kernels of :mod:`lerpfast.kernels` (weights built in registers, shared-input basis form).
+                 Linear; conv2d with groups = 1; J <= 3; float32 / bfloat16 activations.
+``cuda``         the C++ extension ``lerpfast._C`` (``torch.ops.lerpfast``): its CUDA kernels on CUDA tensors,
+                 its CPU kernels on CPU tensors. Linear only.
+
+Automatic choice (CUDA tensors): on the first call with a new shape key (op, shapes, dtypes, flags, tf32
+setting) every available candidate is run, checked against the torch path (max error within 2e-2 relative
+for bf16/tf32, 1e-4 for fp32) and timed (CUDA events, best of 5 after a warm-up); the fastest correct one is
+cached for that key. A candidate that raises or is wrong is dropped with one warning. Nothing is measured
+while a CUDA graph is being captured or torch.compile is tracing: those calls use the cached choice or torch.
+
+``LERPFAST_BACKEND=triton|cuda|torch`` forces a backend: it raises :class:`BackendUnavailable` when that
+backend cannot run on this machine (no triton / no GPU without ``TRITON_INTERPRET=1`` / extension not built);
+for an op or shape it does not implement (e.g. conv3d on triton) the op runs on torch and :func:`report`
+counts it. ``LERPFAST_BACKEND=auto`` (or unset) is the automatic choice.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+
+from lerpfast.engine import functional as F
+from lerpfast.engine.functional import ParamSlice, Points
+from lerpfast.kernels._ref import bn_fold, epilogue_ref
+
+__all__ = ["BackendUnavailable", "lerp_linear", "lerp_conv", "lerp_linear_fused", "lerp_conv_fused",
+           "point_metrics", "point_metrics_torch", "bn_fold", "forced_backend", "report", "reset"]
+
+BACKENDS = ("triton", "cuda", "torch")
+_CACHE: dict[tuple, str] = {}  # shape key -> chosen backend
+_USED: Counter = Counter()  # (op, backend) -> calls, for report()
+_WARNED: set[str] = set()
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend forced with LERPFAST_BACKEND cannot run here."""
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def forced_backend() -> str | None:
+    """The backend named by ``LERPFAST_BACKEND``, or None for the automatic choice."""
+    name = os.environ.get("LERPFAST_BACKEND", "auto").strip().lower()
+    if name in ("", "auto"):
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"LERPFAST_BACKEND must be one of auto, {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+def report() -> dict[str, dict[str, int]]:
+    """Calls per op and backend since the last :func:`reset` (what the sweep reports as 'which path ran')."""
+    out: dict[str, dict[str, int]] = {}
+    for (op, backend), n in _USED.items():
+        out.setdefault(op, {})[backend] = n
+    return out
+
+
+def reset() -> None:
+    """Forget the measured choices and the call counts (e.g. after changing torch's tf32 setting)."""
+    _CACHE.clear()
+    _USED.clear()
+
+
+# ------------------------------------------------------------------------------------------ availability
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_ok(device: torch.device) -> str | None:
+    """None when triton kernels can run on ``device``, else the reason."""
+    from lerpfast.kernels import triton_available
+
+    if not triton_available():
+        return "triton is not installed"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and _interpret():
+        return None
+    return f"triton kernels need a CUDA device (or TRITON_INTERPRET=1 on CPU), got {device.type}"
+
+
+def _cuda_ext_ok(device: torch.device) -> str | None:
+    from lerpfast.kernels import ext
+
+    if not ext.available():
+        return "the C++ extension lerpfast._C is not built (python setup.py build_ext --inplace)"
+    if device.type == "cuda" and not ext.has_cuda_kernels():
+        return "lerpfast._C was built without CUDA kernels (no CUDA toolkit at build time)"
+    if device.type not in ("cuda", "cpu"):
+        return f"lerpfast._C has no kernels for {device.type}"
+    return None
+
+
+_AVAILABLE = {"triton": _triton_ok, "cuda": _cuda_ext_ok}
+
+
+def _unavailable(backend: str, device: torch.device) -> str | None:
+    check = _AVAILABLE.get(backend)
+    return None if check is None else check(device)
+
+
+def _in_capture_or_trace() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+# ------------------------------------------------------------------------------------------ choice
+
+
+def _bench(fn: Callable[[], torch.Tensor], reps: int = 5) -> float:
+    fn()  # warm-up: Triton autotuning and compilation happen here
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end))
+    return best
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    if isinstance(out, dict):
+        return all(_close(out[k], ref[k]) for k in ref)
+    if out.shape != ref.shape:
+        return False
+    # tf32 / bf16 paths are compared with the same-precision torch path: both carry ~1e-3 relative error.
+    tol = 1e-4 if (out.dtype == torch.float32 and not _tf32_on()) else 2e-2
+    scale = ref.double().abs().max().clamp_min(1.0)
+    return bool(((out.double() - ref.double()).abs().max() / scale) <= tol)
+
+
+def _tf32_on() -> bool:
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def _run(op: str, key: tuple, device: torch.device, candidates: dict[str, Callable | None],
+         torch_fn: Callable):
+    """Run ``op`` on the backend chosen for ``key``; ``candidates`` maps backend -> thunk (None: unsupported)."""
+    forced = forced_backend()
+    if forced is not None:
+        why = _unavailable(forced, device)
+        if why is not None:
+            raise BackendUnavailable(f"LERPFAST_BACKEND={forced}: {why}")
+        fn = candidates.get(forced)
+        if fn is None:
+            _USED[(op, "torch")] += 1
+            return torch_fn()
+        _USED[(op, forced)] += 1
+        return fn()
+    if device.type != "cuda":
+        _USED[(op, "torch")] += 1
+        return torch_fn()
+    full_key = (op, _tf32_on(), _autocast_dtype(device)) + key
+    choice = _CACHE.get(full_key)
+    if choice is None:
+        if _in_capture_or_trace():
+            _USED[(op, "torch")] += 1
+            return torch_fn()
+        choice = _measure(op, device, candidates, torch_fn)
+        _CACHE[full_key] = choice
+    fn = torch_fn if choice == "torch" else candidates[choice]
+    try:
+        out = fn()
+    except Exception as exc:  # a kernel that passed measurement failing later: fall back for good
+        _warn_once(f"{op}:{choice}:late", f"lerpfast: {op} on {choice} failed ({exc!r}); using torch")
+        _CACHE[full_key] = "torch"
+        choice, out = "torch", torch_fn()
+    _USED[(op, choice)] += 1
+    return out
+
+
+def _measure(op: str, device: torch.device, candidates: dict[str, Callable | None], torch_fn: Callable) -> str:
+    ref = torch_fn()
+    timings = {"torch": _bench(torch_fn)}
+    for name, fn in candidates.items():
+        if fn is None:
+            continue
+        why = _unavailable(name, device)
+        if why is not None:
+            _warn_once(f"avail:{name}", f"lerpfast: backend {name} unavailable ({why}); using the others")
+            continue
+        try:
+            if not _close(fn(), ref):
+                _warn_once(f"{op}:{name}:wrong", f"lerpfast: {op} on {name} disagrees with torch; not used")
+                continue
+            timings[name] = _bench(fn)
+        except Exception as exc:
+            _warn_once(f"{op}:{name}:err", f"lerpfast: {op} on {name} failed ({exc!r}); falling back")
+    return min(timings, key=timings.get)
+
+
+def _shape_key(*tensors) -> tuple:
+    return tuple(None if t is None else (tuple(t.shape), t.dtype, t.is_contiguous()) for t in tensors)
+
+
+def _dirs(p: ParamSlice | None):
+    return None if p is None else p.dirs
+
+
+def _anchors(p: ParamSlice | None):
+    return None if p is None else p.anchors
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype active for ``device`` (the sweep's bf16 mode), or None."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+    except (TypeError, AttributeError):  # torch < 2.4: only the CUDA queries exist
+        if device.type == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+    return None
+
+
+def _kernel_input(x: torch.Tensor) -> torch.Tensor:
+    """x as the fused kernels should see it: under bf16 autocast the layer computes (and returns) bf16,
+    exactly as the torch path's matmul / conv would under autocast."""
+    if x.dtype == torch.float32 and _autocast_dtype(x.device) == torch.bfloat16:
+        return x.to(torch.bfloat16)
+    return x
+
+
+def _triton_shape_ok(x: torch.Tensor, w: ParamSlice, pts: Points) -> bool:
+    J = pts.J if w.dirs is not None else 0
+    return (x.dtype in (torch.float32, torch.bfloat16) and w.anchors.dtype == torch.float32 and J <= 3
+            and (w.dirs is None or w.dirs.dtype == torch.float32))
+
+
+# ------------------------------------------------------------------------------------------ ops
+
+
+def lerp_linear(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Points,
+                shared_input: bool = False) -> torch.Tensor:
+    """Multi-point linear, dispatched; same contract as :func:`lerpfast.engine.functional.lerp_linear`."""
+    return lerp_linear_fused(x, w, b, pts, shared_input)
+
+
+def lerp_linear_fused(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Points, shared_input: bool = False,
+                      *, bn: tuple[torch.Tensor, torch.Tensor] | None = None, residual: torch.Tensor | None = None,
+                      relu: bool = False) -> torch.Tensor:
+    """:func:`lerp_linear` followed by the per-point BN affine ``bn`` (from :func:`bn_fold`), + residual, ReLU.
+
+    On the triton backend the epilogue runs inside the GEMM (no extra pass over the (K, N, out) output).
+    """
+
+    def torch_fn():
+        return epilogue_ref(F.lerp_linear(x, w, b, pts, shared_input), bn, residual, relu)
+
+    candidates: dict[str, Callable | None] = {"triton": None, "cuda": None}
+    if _triton_shape_ok(x, w, pts):
+        def triton_fn():
+            from lerpfast.kernels.lerp_linear import lerp_linear as kernel
+
+            return kernel(_kernel_input(x), w.anchors, w.dirs, pts.anchor_idx, pts.coefs, _anchors(b), _dirs(b),
+                          shared_input=shared_input, bn=bn, residual=residual, relu=relu)
+
+        candidates["triton"] = triton_fn
+
+    def cuda_fn():
+        from lerpfast.kernels import ext
+
+        ext.load()
+        y = torch.ops.lerpfast.lerp_linear(x, w.anchors, w.dirs, _anchors(b), _dirs(b), pts.anchor_idx, pts.coefs,
+                                           shared_input)
+        return epilogue_ref(y, bn, residual, relu)
+
+    candidates["cuda"] = cuda_fn
+    key = _shape_key(x, w.anchors, w.dirs, _anchors(b), pts.coefs, residual) + (shared_input, bn is not None, relu)
+    return _run("lerp_linear", key, x.device, candidates, torch_fn)
+
+
+def lerp_conv(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Points, stride, padding, dilation,
+              groups: int, shared_input: bool = False) -> torch.Tensor:
+    """Multi-point convolution, dispatched; same contract as :func:`lerpfast.engine.functional.lerp_conv`."""
+    return lerp_conv_fused(x, w, b, pts, stride, padding, dilation, groups, shared_input)
+
+
+def _explicit_padding(padding, w: ParamSlice, dilation):
+    if not isinstance(padding, str):
+        return padding
+    if padding == "valid":
+        return 0
+    ks = w.anchors.shape[3:]
+    dil = (dilation,) * len(ks) if isinstance(dilation, int) else tuple(dilation)
+    tot = [d * (k - 1) for d, k in zip(dil, ks)]
+    if any(t % 2 for t in tot):
+        return None  # asymmetric 'same' padding: leave it to torch
+    return tuple(t // 2 for t in tot)
+
+
+def lerp_conv_fused(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Points, stride, padding, dilation,
+                    groups: int, shared_input: bool = False, *, bn: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+    """:func:`lerp_conv` followed by per-point BN affine (channel axis 2), + residual (K, N, O, *sp), ReLU."""
+
+    def torch_fn():
+        y = F.lerp_conv(x, w, b, pts, stride, padding, dilation, groups, shared_input)
+        return epilogue_ref(y, bn, residual, relu, channel_dim=2)
+
+    candidates: dict[str, Callable | None] = {"triton": None, "cuda": None}
+    pad = _explicit_padding(padding, w, dilation)
+    if w.anchors.dim() == 5 and groups == 1 and pad is not None and _triton_shape_ok(x, w, pts):
+        def triton_fn():
+            from lerpfast.kernels.lerp_conv import lerp_conv2d
+
+            return lerp_conv2d(_kernel_input(x), w.anchors, w.dirs, pts.anchor_idx, pts.coefs, _anchors(b), _dirs(b),
+                               stride, pad, dilation, shared_input=shared_input, bn=bn, residual=residual, relu=relu)
+
+        candidates["triton"] = triton_fn
+    key = _shape_key(x, w.anchors, w.dirs, _anchors(b), pts.coefs, residual) + (
+        str(stride), str(padding), str(dilation), groups, shared_input, bn is not None, relu)
+    return _run("lerp_conv", key, x.device, candidates, torch_fn)
+
+
+def point_metrics_torch(logits: torch.Tensor, target: torch.Tensor,
+                        ref_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Torch path of :func:`point_metrics` (float64; the definitions of :mod:`lerpfast.kernels.point_metrics`)."""
+    z = logits.to(torch.float64)
+    K, N, C = z.shape
+    t = target.long().view(1, N, 1).expand(K, N, 1)
+    zt = z.gather(2, t)
+    loss = (torch.logsumexp(z, -1, keepdim=True) - zt).sum((1, 2))
+    cols = torch.arange(C, device=z.device).view(1, 1, C)
+    rank = ((z > zt) | ((z == zt) & (cols < t))).sum(2)
+    out = {"loss": loss, "error": (rank >= 1).sum(1).double(), "top5_error": (rank >= 5).sum(1).double()}
+    if ref_logits is not None:
+        r = ref_logits.to(torch.float64)
+        out["distance"] = ((torch.softmax(z, -1) - torch.softmax(r, -1)[None]) ** 2).sum((1, 2))
+        out["disagreement"] = (z.argmax(-1) != r.argmax(-1)[None]).sum(1).double()
+    else:
+        out["distance"] = torch.zeros(K, dtype=torch.float64, device=z.device)
+        out["disagreement"] = torch.zeros(K, dtype=torch.float64, device=z.device)
+    return out
+
+
+def point_metrics(logits: torch.Tensor, target: torch.Tensor,
+                  ref_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-point sums over one batch: cross-entropy loss, top-1 / top-5 errors, squared softmax distance and
+    disagreement with ``ref_logits``.
+
+    Parameters
+    ----------
+    logits : (K, N, C); target : (N,) class indices; ref_logits : (N, C) or None.
+
+    Returns
+    -------
+    dict of float64 (K,) tensors ``loss, error, top5_error, distance, disagreement`` (sums, not means; zeros
+    for distance / disagreement without a reference).
+    """
+
+    def torch_fn():
+        return point_metrics_torch(logits, target, ref_logits)
+
+    candidates: dict[str, Callable | None] = {"triton": None, "cuda": None}
+    if logits.shape[-1] <= 8192:
+        def triton_fn():
+            from lerpfast.kernels.point_metrics import point_metrics as kernel
+
+            return kernel(logits, target, ref_logits)
+
+        candidates["triton"] = triton_fn
+    key = _shape_key(logits, ref_logits)
+    return _run("point_metrics", key, logits.device, candidates, torch_fn)

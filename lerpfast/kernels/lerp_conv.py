@@ -1,0 +1,274 @@
+"""Multi-point conv2d as an implicit GEMM on channels-last activations, point weights built in registers.
+
+For point k the GEMM is (N*OH*OW rows) x (CO cols) with reduction over (KH, KW, C): each program owns a
+(BLOCK_M rows, BLOCK_O channels) output tile of one point, walks the KH*KW filter taps (unrolled: they
+are compile-time constants, 1/3/7 in the CNNs we sweep) and the input channels in BLOCK_C steps, gathers
+the shifted input rows (zero padding by masking, no im2col buffer) and builds the (BLOCK_C, BLOCK_O)
+weight tile ``anchors[idx_k] + sum_j c_kj dirs[j]`` in fp32 registers. The K weight copies are never
+written: for ResNet-20 at K = 64 materializing them costs 64 x 1.1 MB fp32 per batch.
+
+Activations may have any strides; with channels_last memory (NHWC) the C-contiguous gathers coalesce,
+and the output is written NHWC, i.e. the returned (K, N, CO, OH, OW) tensor is channels_last for the next
+layer. Epilogue: + bias, eval-mode BN as a per-point affine map (BN folded into the weights and bias of
+each point: ``s*W, s*b + t``), + residual, ReLU — what a ResNet basic block needs after each conv.
+
+Shared input (the first conv of a sweep): the basis products ``conv(x, anchor_used)``, ``conv(x, dir_j)``
+are computed once over the N shared images and mixed per point by ``lerp_mix`` (same epilogue).
+
+Scope: 2-D, groups = 1; everything else goes to the torch path via the dispatcher.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lerpfast.kernels._common import INTERPRET, as_operand, bf16_rne, dot_code, launch_options, mma, points_coefs
+from lerpfast.kernels._ref import combine_ref_dtype as _combine_ref
+from lerpfast.kernels._ref import epilogue_ref
+from lerpfast.kernels.lerp_linear import _bias_args, _check_points, lerp_mix
+
+__all__ = ["lerp_conv2d", "lerp_conv2d_ref", "conv_out_size"]
+
+
+def _conv_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_O": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1)]
+    cfgs = []
+    for bm, bo, bc, w, s in [
+        (128, 64, 32, 4, 4), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+        (128, 32, 32, 4, 4), (256, 64, 32, 8, 3), (64, 64, 64, 4, 3), (128, 16, 16, 4, 4),
+    ]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_O": bo, "BLOCK_C": bc}, num_warps=w, num_stages=s))
+    return cfgs
+
+
+@triton.autotune(configs=_conv_configs(), key=["NP", "C", "CO", "K", "J", "KH", "KW", "STRIDE_H", "DOT"])
+@triton.jit
+def _lerp_conv2d_fwd_kernel(
+    X_ptr, stride_xk, stride_xn, stride_xc, stride_xh, stride_xw,
+    WA_ptr, stride_wam, stride_wao, stride_wac, stride_wah, stride_waw,
+    WD_ptr, stride_wdj, stride_wdo, stride_wdc, stride_wdh, stride_wdw,
+    BA_ptr, stride_bam, BD_ptr, stride_bdj,
+    IDX_ptr, C_ptr, stride_ck,
+    SCALE_ptr, SHIFT_ptr, stride_sk,
+    RES_ptr, stride_rk, stride_rn, stride_ro, stride_rh, stride_rw,
+    Y_ptr, stride_yk, stride_yn, stride_yo, stride_yh, stride_yw,
+    NP, C, H, W, CO, OH, OW, K,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, J: tl.constexpr, JB: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    DOT: tl.constexpr, EMULATE_BF16: tl.constexpr, OUT_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1).to(tl.int64)
+    num_o = tl.cdiv(CO, BLOCK_O)
+    pid_m = pid // num_o
+    pid_o = pid % num_o
+    a = tl.load(IDX_ptr + k).to(tl.int64)
+    c0 = 0.0
+    c1 = 0.0
+    c2 = 0.0
+    if J >= 1:
+        c0 = tl.load(C_ptr + k * stride_ck).to(tl.float32)
+    if J >= 2:
+        c1 = tl.load(C_ptr + k * stride_ck + 1).to(tl.float32)
+    if J >= 3:
+        c2 = tl.load(C_ptr + k * stride_ck + 2).to(tl.float32)
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixel index over (N, OH, OW), int64
+    ro = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    rc = tl.arange(0, BLOCK_C)
+    mask_m = rm < NP
+    mask_o = ro < CO
+    n = rm // (OH * OW)
+    rem = rm % (OH * OW)
+    oh = rem // OW
+    ow = rem % OW
+    x_base = X_ptr + k * stride_xk + n * stride_xn  # (BLOCK_M,)
+    wa_base = WA_ptr + a * stride_wam + ro[None, :] * stride_wao + rc[:, None] * stride_wac  # (BLOCK_C, BLOCK_O)
+    wd_base = WD_ptr + ro[None, :] * stride_wdo + rc[:, None] * stride_wdc
+
+    acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
+    for r in tl.static_range(KH):
+        ih = oh * STRIDE_H - PAD_H + r * DIL_H
+        for s in tl.static_range(KW):
+            iw = ow * STRIDE_W - PAD_W + s * DIL_W
+            valid = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_ptrs = (x_base + ih * stride_xh + iw * stride_xw)[:, None] + rc[None, :] * stride_xc
+            wa_ptrs = wa_base + r * stride_wah + s * stride_waw
+            wd_ptrs = wd_base + r * stride_wdh + s * stride_wdw
+            for c_start in range(0, C, BLOCK_C):
+                mask_c = (c_start + rc) < C
+                xt = tl.load(x_ptrs, mask=valid[:, None] & mask_c[None, :], other=0.0)
+                mw = mask_c[:, None] & mask_o[None, :]
+                w = tl.load(wa_ptrs, mask=mw, other=0.0).to(tl.float32)
+                if J >= 1:
+                    w += c0 * tl.load(wd_ptrs, mask=mw, other=0.0).to(tl.float32)
+                if J >= 2:
+                    w += c1 * tl.load(wd_ptrs + stride_wdj, mask=mw, other=0.0).to(tl.float32)
+                if J >= 3:
+                    w += c2 * tl.load(wd_ptrs + 2 * stride_wdj, mask=mw, other=0.0).to(tl.float32)
+                acc = mma(as_operand(xt, DOT, EMULATE_BF16), as_operand(w, DOT, EMULATE_BF16), acc, DOT,
+                          EMULATE_BF16)
+                x_ptrs += BLOCK_C * stride_xc
+                wa_ptrs += BLOCK_C * stride_wac
+                wd_ptrs += BLOCK_C * stride_wdc
+
+    if HAS_BIAS:
+        bias = tl.load(BA_ptr + a * stride_bam + ro, mask=mask_o, other=0.0).to(tl.float32)
+        if JB >= 1:
+            bias += c0 * tl.load(BD_ptr + ro, mask=mask_o, other=0.0).to(tl.float32)
+        if JB >= 2:
+            bias += c1 * tl.load(BD_ptr + stride_bdj + ro, mask=mask_o, other=0.0).to(tl.float32)
+        if JB >= 3:
+            bias += c2 * tl.load(BD_ptr + 2 * stride_bdj + ro, mask=mask_o, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    if HAS_BN:
+        scale = tl.load(SCALE_ptr + k * stride_sk + ro, mask=mask_o, other=0.0)
+        shift = tl.load(SHIFT_ptr + k * stride_sk + ro, mask=mask_o, other=0.0)
+        acc = acc * scale[None, :] + shift[None, :]
+    mask = mask_m[:, None] & mask_o[None, :]
+    if HAS_RES:
+        r_off = k * stride_rk + n * stride_rn + oh * stride_rh + ow * stride_rw
+        acc += tl.load(RES_ptr + r_off[:, None] + ro[None, :] * stride_ro, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    if OUT_BF16 and EMULATE_BF16:
+        acc = bf16_rne(acc)
+    y_off = k * stride_yk + n * stride_yn + oh * stride_yh + ow * stride_yw
+    tl.store(Y_ptr + y_off[:, None] + ro[None, :] * stride_yo, acc.to(Y_ptr.dtype.element_ty), mask=mask)
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(t) for t in v)
+    return v if len(v) == 2 else (v[0], v[0])
+
+
+def conv_out_size(h: int, k: int, stride: int, pad: int, dil: int) -> int:
+    """Output length of one spatial axis (PyTorch's formula)."""
+    return (h + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+def _empty_nhwc(K, N, CO, OH, OW, dtype, device) -> torch.Tensor:
+    # Allocated (K, N, OH, OW, CO) and viewed (K, N, CO, OH, OW): channels_last for the next conv, and
+    # reshape(K*N, CO, OH, OW) stays a view.
+    return torch.empty((K, N, OH, OW, CO), dtype=dtype, device=device).permute(0, 1, 4, 2, 3)
+
+
+def _conv_launch(x5, wa, wd, ba, bd, anchor_idx, coefs, stride, padding, dilation, bn, residual, relu, dot, out):
+    K, N, C, H, W = x5.shape
+    CO, Cw, KH, KW = wa.shape[1:]
+    if Cw != C:
+        raise ValueError(f"groups != 1 is not supported by the Triton conv (weight has {Cw} of {C} channels)")
+    OH, OW = out.shape[3], out.shape[4]
+    J = _check_points(anchor_idx, coefs, wd)
+    dummy = wa
+    c = points_coefs(coefs[:, :J] if J else coefs, J)
+    wd_ = wd if J else dummy
+    wds = wd_.stride() if J else (0,) * 5
+    bap, sba, bdp, sbd, JB = _bias_args(ba, bd, J, dummy)
+    if bn is not None:
+        scale, shift = (t.to(torch.float32).contiguous() for t in bn)
+        assert scale.shape == (K, CO), "bn scale/shift must be (K, out_channels)"
+        s_args = (scale, shift, scale.stride(0))
+    else:
+        s_args = (dummy, dummy, 0)
+    r_args = (residual, *residual.stride()) if residual is not None else (dummy, 0, 0, 0, 0, 0)
+    grid = lambda meta: (triton.cdiv(N * OH * OW, meta["BLOCK_M"]) * triton.cdiv(CO, meta["BLOCK_O"]), K)
+    _lerp_conv2d_fwd_kernel[grid](
+        x5, *x5.stride(),
+        wa, *wa.stride(),
+        wd_, *wds,
+        bap, sba, bdp, sbd,
+        anchor_idx, c, c.stride(0),
+        *s_args,
+        *r_args,
+        out, *out.stride(),
+        N * OH * OW, C, H, W, CO, OH, OW, K,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        KH=KH, KW=KW, J=J, JB=JB,
+        HAS_BIAS=ba is not None, HAS_BN=bn is not None, HAS_RES=residual is not None, RELU=relu,
+        DOT=dot, EMULATE_BF16=INTERPRET, OUT_BF16=out.dtype == torch.bfloat16, **launch_options(),
+    )
+    return out
+
+
+def lerp_conv2d(x: torch.Tensor, w_anchors: torch.Tensor, w_dirs: torch.Tensor | None, anchor_idx: torch.Tensor,
+                coefs: torch.Tensor, b_anchors: torch.Tensor | None = None, b_dirs: torch.Tensor | None = None,
+                stride=1, padding=0, dilation=1, *, shared_input: bool = False,
+                bn: tuple[torch.Tensor, torch.Tensor] | None = None, residual: torch.Tensor | None = None,
+                relu: bool = False, precision: str | None = None) -> torch.Tensor:
+    """Fused multi-point conv2d (Triton implicit GEMM, groups = 1).
+
+    Parameters
+    ----------
+    x : (K, N, C, H, W), or (N, C, H, W) with ``shared_input``; best in channels_last memory.
+    w_anchors : (M, CO, C, KH, KW); w_dirs : (J, CO, C, KH, KW) or None.
+    anchor_idx : (K,) int64; coefs : (K, J).
+    b_anchors, b_dirs : (M, CO), (J, CO) or None.
+    stride, padding, dilation : int or pair (padding is explicit; 'same' strings are resolved by the caller).
+    bn : per-point BN fold (scale, shift), each (K, CO); residual : (K, N, CO, OH, OW); relu : ReLU last.
+    precision : "fp32" | "tf32" | "bf16" or None (follow x's dtype and torch's tf32 setting).
+
+    Returns
+    -------
+    (K, N, CO, OH, OW) in x's dtype, channels_last memory.
+    """
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    K = anchor_idx.shape[0]
+    CO, _, KH, KW = w_anchors.shape[1:]
+    dot = dot_code(x.dtype, precision)
+    J = _check_points(anchor_idx, coefs, w_dirs)
+    anchor_idx = anchor_idx.contiguous()
+    N, H, W = x.shape[-4], x.shape[-2], x.shape[-1]
+    OH = conv_out_size(H, KH, stride[0], padding[0], dilation[0])
+    OW = conv_out_size(W, KW, stride[1], padding[1], dilation[1])
+    if shared_input:
+        used = torch.unique(anchor_idx)
+        Mu = used.numel()
+        T = Mu + J
+        if T < K:
+            basis = _empty_nhwc(T, N, CO, OH, OW, torch.float32, x.device)
+            dev = x.device
+            _conv_launch(x.unsqueeze(0).expand(Mu, *x.shape), w_anchors.index_select(0, used), None, None, None,
+                         torch.arange(Mu, device=dev), torch.zeros((Mu, 1), device=dev), stride, padding, dilation,
+                         None, None, False, dot, basis[:Mu])
+            if J:
+                _conv_launch(x.unsqueeze(0).expand(J, *x.shape), w_dirs[:J], None, None, None,
+                             torch.arange(J, device=dev), torch.zeros((J, 1), device=dev), stride, padding, dilation,
+                             None, None, False, dot, basis[Mu:])
+            out = _empty_nhwc(K, N, CO, OH, OW, x.dtype, x.device)
+            as3 = lambda t: t.permute(0, 1, 3, 4, 2).reshape(t.shape[0], N * OH * OW, CO)  # views when NHWC
+            res3 = as3(residual) if residual is not None else None
+            lerp_mix(as3(basis), torch.searchsorted(used, anchor_idx), Mu, anchor_idx, coefs, b_anchors, b_dirs,
+                     bn=bn, residual=res3, relu=relu, out=as3(out))
+            return out
+        x = x.unsqueeze(0).expand(K, *x.shape)
+    out = _empty_nhwc(K, N, CO, OH, OW, x.dtype, x.device)
+    return _conv_launch(x, w_anchors, w_dirs, b_anchors, b_dirs, anchor_idx, coefs, stride, padding, dilation, bn,
+                        residual, relu, dot, out)
+
+
+def lerp_conv2d_ref(x, w_anchors, w_dirs, anchor_idx, coefs, b_anchors=None, b_dirs=None, stride=1, padding=0,
+                    dilation=1, *, shared_input=False, bn=None, residual=None, relu=False,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Torch reference of :func:`lerp_conv2d`: materialize W_k, one conv per point, epilogue, in ``dtype``."""
+    cdt = dtype or x.dtype
+    wdt = dtype or torch.float32
+    w = _combine_ref(w_anchors, w_dirs, anchor_idx, coefs, wdt).to(cdt)  # (K, CO, C, KH, KW)
+    b = _combine_ref(b_anchors, b_dirs, anchor_idx, coefs, wdt).to(cdt) if b_anchors is not None else None
+    K = w.shape[0]
+    ys = []
+    for k in range(K):
+        xk = x if shared_input else x[k]
+        ys.append(torch.nn.functional.conv2d(xk.to(cdt), w[k], None if b is None else b[k], _pair(stride),
+                                             _pair(padding), _pair(dilation)))
+    y = torch.stack(ys)  # (K, N, CO, OH, OW)
+    if bn is not None:
+        bn = tuple(t.to(wdt) for t in bn)
+    return epilogue_ref(y, bn, residual, relu, channel_dim=2)

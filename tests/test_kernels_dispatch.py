@@ -1,0 +1,146 @@
+"""lerpfast.engine.dispatch: CPU always on torch, LERPFAST_BACKEND forcing, choice by measurement."""
+
+import os
+import warnings
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the forced-triton test runs the interpreter
+
+from lerpfast.engine import dispatch  # noqa: E402
+from lerpfast.engine import functional as F  # noqa: E402
+from lerpfast.kernels import ext  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _clean(monkeypatch):
+    monkeypatch.delenv("LERPFAST_BACKEND", raising=False)
+    dispatch.reset()
+    yield
+    dispatch.reset()
+
+
+def _layer(K=3, J=2, M=2, N=5, IN=37, OUT=17, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = F.ParamSlice(torch.randn(M, OUT, IN, generator=g), torch.randn(J, OUT, IN, generator=g))
+    b = F.ParamSlice(torch.randn(M, OUT, generator=g), torch.randn(J, OUT, generator=g))
+    pts = F.Points(torch.randint(0, M, (K,), generator=g), torch.rand(K, J, generator=g))
+    return torch.randn(K, N, IN, generator=g), w, b, pts
+
+
+def test_cpu_automatic_is_the_functional_path():
+    x, w, b, pts = _layer()
+    assert torch.equal(dispatch.lerp_linear(x, w, b, pts), F.lerp_linear(x, w, b, pts))
+    xs = x[0]
+    assert torch.equal(dispatch.lerp_linear(xs, w, b, pts, True), F.lerp_linear(xs, w, b, pts, True))
+    xc = torch.randn(3, 2, 4, 6, 6)
+    wc = F.ParamSlice(torch.randn(2, 5, 4, 3, 3), torch.randn(2, 5, 4, 3, 3))
+    ref = F.lerp_conv(xc, wc, None, pts, 1, 1, 1, 1)
+    assert torch.equal(dispatch.lerp_conv(xc, wc, None, pts, 1, 1, 1, 1), ref)
+    assert dispatch.report() == {"lerp_linear": {"torch": 2}, "lerp_conv": {"torch": 1}}
+
+
+def test_fused_epilogue_torch_path():
+    x, w, b, pts = _layer()
+    bn = (torch.rand(3, 17) + 0.5, torch.randn(3, 17))
+    res = torch.randn(3, 5, 17)
+    out = dispatch.lerp_linear_fused(x, w, b, pts, bn=bn, residual=res, relu=True)
+    ref = torch.relu(F.lerp_linear(x, w, b, pts) * bn[0][:, None] + bn[1][:, None] + res)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_point_metrics_torch_path():
+    z = torch.randn(4, 9, 6)
+    t = torch.randint(0, 6, (9,))
+    r = torch.randn(9, 6)
+    out = dispatch.point_metrics(z, t, r)
+    loss = torch.nn.functional.cross_entropy(z.double().reshape(-1, 6), t.repeat(4), reduction="none")
+    torch.testing.assert_close(out["loss"], loss.view(4, 9).sum(1))
+    assert torch.equal(out["error"], (z.argmax(-1) != t).sum(1).double())
+    assert torch.equal(out["disagreement"], (z.argmax(-1) != r.argmax(-1)).sum(1).double())
+    assert set(out) == {"loss", "error", "top5_error", "distance", "disagreement"}
+
+
+def test_forced_backend_validation(monkeypatch):
+    x, w, b, pts = _layer()
+    monkeypatch.setenv("LERPFAST_BACKEND", "cublas")
+    with pytest.raises(ValueError, match="LERPFAST_BACKEND"):
+        dispatch.lerp_linear(x, w, b, pts)
+    monkeypatch.setenv("LERPFAST_BACKEND", "torch")
+    assert torch.equal(dispatch.lerp_linear(x, w, b, pts), F.lerp_linear(x, w, b, pts))
+
+
+def test_forced_triton_raises_without_gpu_or_interpreter(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU makes triton available")
+    x, w, b, pts = _layer()
+    monkeypatch.setenv("LERPFAST_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(dispatch.BackendUnavailable, match="triton"):
+        dispatch.lerp_linear(x, w, b, pts)
+
+
+@pytest.mark.skipif(not ext.available(), reason="lerpfast._C is not built")
+def test_forced_cuda_backend_uses_the_extension_on_cpu(monkeypatch):
+    x, w, b, pts = _layer()
+    monkeypatch.setenv("LERPFAST_BACKEND", "cuda")
+    assert torch.equal(dispatch.lerp_linear(x, w, b, pts), F.lerp_linear(x, w, b, pts))
+    xc = torch.randn(3, 2, 4, 6, 6)
+    wc = F.ParamSlice(torch.randn(2, 5, 4, 3, 3), None)
+    dispatch.lerp_conv(xc, wc, None, pts, 1, 1, 1, 1)  # no csrc conv: runs on torch, counted as such
+    assert dispatch.report() == {"lerp_linear": {"cuda": 1}, "lerp_conv": {"torch": 1}}
+
+
+def test_forced_triton_under_interpreter(monkeypatch):
+    """With TRITON_INTERPRET=1 a forced triton backend runs the fused kernels on CPU tensors."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the interpreter to be on before triton was imported (tests/test_kernels.py sets it)")
+    from lerpfast.kernels import _common
+
+    if not _common.INTERPRET:
+        pytest.skip("kernels were imported in compiled mode")
+    monkeypatch.setenv("LERPFAST_BACKEND", "triton")
+    x, w, b, pts = _layer(K=3, N=5, IN=37, OUT=17)
+    torch.testing.assert_close(dispatch.lerp_linear(x, w, b, pts), F.lerp_linear(x, w, b, pts), rtol=1e-5, atol=1e-4)
+    xc = torch.randn(3, 1, 2, 5, 5)
+    wc = F.ParamSlice(torch.randn(2, 4, 2, 3, 3), torch.randn(2, 4, 2, 3, 3))
+    torch.testing.assert_close(dispatch.lerp_conv(xc, wc, None, pts, 1, "same", 1, 1),
+                               F.lerp_conv(xc, wc, None, pts, 1, "same", 1, 1), rtol=1e-5, atol=1e-4)
+    wg = F.ParamSlice(torch.randn(2, 4, 1, 3, 3), None)  # groups = 2: not a triton shape, runs on torch
+    dispatch.lerp_conv(xc, wg, None, pts, 1, 1, 1, 2)
+    assert dispatch.report()["lerp_conv"] == {"triton": 1, "torch": 1}
+
+
+def test_measure_drops_wrong_and_failing_candidates(monkeypatch):
+    """The choice logic without a GPU: timings are faked, correctness and failures are real."""
+    x, w, b, pts = _layer()
+    ref = F.lerp_linear(x, w, b, pts)
+    times = {"torch": 3.0, "good": 2.0, "wrong": 1.0, "broken": 0.5}
+    cands = {"good": lambda: ref.clone(), "wrong": lambda: ref + 1.0, "broken": lambda: 1 / 0, "absent": None}
+    fn_name = {id(v): k for k, v in cands.items() if v is not None}
+    torch_fn = lambda: ref  # noqa: E731
+    fn_name[id(torch_fn)] = "torch"
+    monkeypatch.setattr(dispatch, "_bench", lambda fn, reps=5: times[fn_name[id(fn)]])
+    monkeypatch.setattr(dispatch, "_unavailable", lambda name, device: None)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        choice = dispatch._measure("lerp_linear", x.device, cands, torch_fn)
+    assert choice == "good"
+    msgs = " ".join(str(r.message) for r in rec)
+    assert "disagrees" in msgs and "failed" in msgs
+
+
+@pytest.mark.gpu
+def test_gpu_automatic_choice_is_cached_and_correct():
+    x, w, b, pts = _layer(K=17, N=64, IN=97, OUT=37)
+    to = lambda p: F.ParamSlice(p.anchors.cuda(), p.dirs.cuda())  # noqa: E731
+    x, w, b, pts = x.cuda(), to(w), to(b), pts.to("cuda")
+    torch.set_float32_matmul_precision("highest")
+    out = dispatch.lerp_linear(x, w, b, pts)
+    torch.testing.assert_close(out, F.lerp_linear(x, w, b, pts), rtol=1e-4, atol=1e-4)
+    dispatch.lerp_linear(x, w, b, pts)
+    assert sum(dispatch.report()["lerp_linear"].values()) == 2
+    assert len(dispatch._CACHE) == 1
