@@ -23,6 +23,7 @@ import torch
 import lerpfast
 from lerpfast.train import models
 
+METHODS = ("loop", "vmap", "engine")
 SETTINGS = {
     # model name, input shape, classes, data size (CPU-sized), points
     "lenet_300_100": ((1, 28, 28), 10, 4096),
@@ -46,15 +47,16 @@ def run(name: str, K: int, n: int, threads: int, repeats: int) -> dict:
     y = torch.randint(0, classes, (n,), generator=g)
     alphas = np.linspace(-0.5, 1.5, K)
     out = {"model": name, "K": K, "num_samples": n, "params": sum(p.numel() for p in a.parameters())}
-    results = {}
-    for method in ("loop", "vmap", "engine"):
-        best = float("inf")
-        for _ in range(repeats):
+    results, best = {}, dict.fromkeys(METHODS, float("inf"))
+    # repeats interleave the methods, so a load change on the machine hits all three alike; best of the repeats
+    for _ in range(repeats):
+        for method in METHODS:
             t0 = time.perf_counter()
             r = lerpfast.sweep(a, (a, b), alphas, (x, y), batch_size=min(n, 512), method=method, progress=False)
-            best = min(best, time.perf_counter() - t0)
-        results[method] = r
-        out[method] = {"seconds": best, "image_points_per_s": K * n / best}
+            best[method] = min(best[method], time.perf_counter() - t0)
+            results[method] = r
+    for method in METHODS:
+        out[method] = {"seconds": best[method], "image_points_per_s": K * n / best[method]}
     for method in ("vmap", "engine"):
         out[method]["speedup_vs_loop"] = out["loop"]["seconds"] / out[method]["seconds"]
         out[method]["max_abs_loss_diff_vs_loop"] = float(np.abs(results[method].loss - results["loop"].loss).max())
@@ -67,7 +69,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--models", nargs="+", default=list(SETTINGS))
     ap.add_argument("-K", type=int, default=32)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the script")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sweep_cpu.json"))
     args = ap.parse_args(argv)
@@ -77,7 +79,7 @@ def main(argv=None) -> dict:
         "threads": args.threads, "torch": torch.__version__, "lerpfast": lerpfast.__version__,
         "python": platform.python_version(), "precision": "fp32", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                          time.gmtime()),
-        "runs": [],
+        "runs": [], "loadavg_before": list(os.getloadavg()),
     }
     for name in args.models:
         n = 8 if args.quick else SETTINGS[name][2]
@@ -88,6 +90,7 @@ def main(argv=None) -> dict:
               f"vmap {r['vmap']['image_points_per_s']:10.0f} ({r['vmap']['speedup_vs_loop']:.2f}x)   "
               f"lerpfast {r['engine']['image_points_per_s']:10.0f} ({r['engine']['speedup_vs_loop']:.2f}x)   "
               f"max|dloss| {r['engine']['max_abs_loss_diff_vs_loop']:.1e}")
+    report["loadavg_after"] = list(os.getloadavg())
     if not args.quick:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))

@@ -414,13 +414,17 @@ def _add_plot(sub) -> None:
                                    "basin width.",
                        epilog="examples:\n  lerpfast plot results.h5 --out figs\n"
                               "  lerpfast plot results.h5 --out figs --format png,pdf --logy\n"
-                              "  lerpfast plot results.h5 --out figs --names init-final t=1024",
+                              "  lerpfast plot results.h5 --out figs --names init-final t=1024\n"
+                              "  lerpfast plot results.h5 --out figs --run runs/train_<hash>   # + trajectory.png",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("store", help="HDF5 result file")
     p.add_argument("--out", default="figures", help="output folder (default: figures)")
     p.add_argument("--format", default="png", help="comma-separated: png, pdf, svg (default: png)")
     p.add_argument("--names", nargs="+", default=None, help="only these sweeps (default: all)")
     p.add_argument("--logy", action="store_true", help="log-scaled loss axes (Goodfellow et al. Fig. 3)")
+    p.add_argument("--run", default=None, help="a `lerpfast train` run directory: also draw its training trajectory "
+                                               "projected on init -> final against a random walk (trajectory.png)")
+    p.add_argument("--replicate", type=int, default=0, help="replicate of --run for the trajectory (default: 0)")
     p.set_defaults(func=cmd_plot)
 
 
@@ -439,6 +443,16 @@ def cmd_plot(args: argparse.Namespace) -> int:
             raise CLIError(f"{args.store}: no sweep named {', '.join(missing)} (sweeps: {', '.join(have)})",
                            EXIT_STORE)
     files = plot_store(args.store, args.out, names=args.names, formats=formats, logy=args.logy)
+    if args.run is not None:
+        from lerpfast.plot import plot_checkpoint_trajectory, save
+        from lerpfast.train import list_checkpoints
+
+        ckpts = list_checkpoints(args.run, args.replicate)
+        if len(ckpts) < 3:
+            raise CLIError(f"--run {args.run}: replicate {args.replicate} has {len(ckpts)} checkpoints "
+                           "(a trajectory needs at least 3)")
+        fig = plot_checkpoint_trajectory(ckpts, title=f"{Path(args.run).name}, replicate {args.replicate}")
+        files += save(fig, Path(args.out) / "trajectory", formats)
     for f in files:
         print(f)
     if not files:

@@ -124,8 +124,8 @@ def run_demo(cfg: DemoConfig, *, log=print) -> dict:
 
     import lerpfast
     import lerpfast.data as ld
-    from lerpfast.analysis import max_increase, random_walk_projection, step_norms, trajectory_projection
-    from lerpfast.plot import plot_functional, plot_lines, plot_max_increase, plot_trajectory, save
+    from lerpfast.analysis import max_increase
+    from lerpfast.plot import plot_checkpoint_trajectory, plot_functional, plot_lines, plot_max_increase, save
     from lerpfast.store import ResultStore
     from lerpfast.train import TrainConfig, list_checkpoints, models, train
 
@@ -195,12 +195,8 @@ def run_demo(cfg: DemoConfig, *, log=print) -> dict:
     files += save(plot_lines(curves, title=title), out / "lines", cfg.formats)
     files += save(plot_max_increase(ts, increase, title="maximum increase along $\\theta_t \\to \\theta_{final}$"),
                   out / "max_increase", cfg.formats)
-    states = [torch.load(ckpts[0][s], map_location="cpu", weights_only=True) for s in steps]
-    proj = trajectory_projection(states)
-    walk = random_walk_projection(step_norms(states), dim=sum(v.numel() for v in states[0].values()
-                                                             if v.is_floating_point()), seed=0)
-    files += save(plot_trajectory(proj, walk, steps=steps, title="replicate 0: SGD vs a random walk"),
-                  out / "trajectory", cfg.formats)
+    trajectory = plot_checkpoint_trajectory({s: ckpts[0][s] for s in steps}, title="replicate 0: SGD vs a random walk")
+    files += save(trajectory, out / "trajectory", cfg.formats)
     files += save(plot_functional(curves, title="distance to $\\theta_t$ along $\\theta_t \\to \\theta_{final}$"),
                   out / "functional", cfg.formats)
 

@@ -339,6 +339,23 @@ def plot_trajectory(proj: Mapping[str, np.ndarray], random_walk: Mapping[str, np
     return fig
 
 
+def plot_checkpoint_trajectory(checkpoints: Mapping[int, str | os.PathLike], *, seed: int = 0,
+                               title: str | None = None) -> Figure:
+    """:func:`plot_trajectory` of a run's checkpoints ``{step: path}`` (first = init, last = final), with a random
+    walk of the same step lengths in the same dimension for comparison (Goodfellow et al., Figs. 11 and 13)."""
+    import torch
+
+    from lerpfast.analysis import random_walk_projection, step_norms, trajectory_projection
+
+    if len(checkpoints) < 3:
+        raise ValueError(f"a trajectory needs at least 3 checkpoints, got {len(checkpoints)}")
+    steps = sorted(checkpoints)
+    states = [torch.load(checkpoints[s], map_location="cpu", weights_only=True) for s in steps]
+    dim = sum(v.numel() for v in states[0].values() if v.is_floating_point())
+    walk = random_walk_projection(step_norms(states), dim=dim, seed=seed)
+    return plot_trajectory(trajectory_projection(states), walk, steps=steps, title=title)
+
+
 def plot_functional(curves: Mapping[str, object], *, title: str | None = None,
                     figsize: tuple[float, float] | None = None) -> Figure:
     """Functional distance and label disagreement to the reference along a path (Im et al., Table 1)."""
