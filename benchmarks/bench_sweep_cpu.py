@@ -14,6 +14,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -64,6 +66,14 @@ def run(name: str, K: int, n: int, threads: int, repeats: int) -> dict:
     return out
 
 
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        return None
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(SETTINGS))
@@ -79,7 +89,8 @@ def main(argv=None) -> dict:
         "threads": args.threads, "torch": torch.__version__, "lerpfast": lerpfast.__version__,
         "python": platform.python_version(), "precision": "fp32", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                          time.gmtime()),
-        "runs": [], "loadavg_before": list(os.getloadavg()),
+        "runs": [], "loadavg_before": list(os.getloadavg()), "git_commit": _git_commit(),
+        "command": "python benchmarks/bench_sweep_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     for name in args.models:
         n = 8 if args.quick else SETTINGS[name][2]
