@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["INTERPRET", "DOT_IEEE", "DOT_TF32", "DOT_BF16", "dot_code", "bf16_rne", "as_operand", "mma",
-           "points_coefs", "launch_options"]
+           "load_coefs", "combine_tile", "bn_affine", "finish", "points_coefs", "launch_options"]
 
 # Decided once, at import, exactly as triton.jit decides between the compiler and the interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -87,6 +87,56 @@ def mma(a, b, acc, DOT: tl.constexpr, EMULATE_BF16: tl.constexpr):
             return tl.dot(a, b, acc)
     else:
         return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def load_coefs(C_ptr, k, stride_ck, J: tl.constexpr):
+    """Point k's J <= 3 coefficients as fp32 scalars (0.0 beyond J), loaded once per program."""
+    c0 = 0.0
+    c1 = 0.0
+    c2 = 0.0
+    if J >= 1:
+        c0 = tl.load(C_ptr + k * stride_ck).to(tl.float32)
+    if J >= 2:
+        c1 = tl.load(C_ptr + k * stride_ck + 1).to(tl.float32)
+    if J >= 3:
+        c2 = tl.load(C_ptr + k * stride_ck + 2).to(tl.float32)
+    return c0, c1, c2
+
+
+@triton.jit
+def combine_tile(a_ptrs, d_ptrs, stride_dj, mask, c0, c1, c2, J: tl.constexpr):
+    """fp32 tile ``a + c0*d_0 + c1*d_1 + c2*d_2`` (d_j at ``d_ptrs + j*stride_dj``), term by term like torch.
+
+    Builds a point's weight tile in registers (anchor and direction tiles), its bias, or a mix of basis
+    products; with ``enable_fp_fusion=False`` each product and sum is rounded separately, as in the oracle.
+    """
+    t = tl.load(a_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if J >= 1:
+        t += c0 * tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if J >= 2:
+        t += c1 * tl.load(d_ptrs + stride_dj, mask=mask, other=0.0).to(tl.float32)
+    if J >= 3:
+        t += c2 * tl.load(d_ptrs + 2 * stride_dj, mask=mask, other=0.0).to(tl.float32)
+    return t
+
+
+@triton.jit
+def bn_affine(acc, SCALE_ptr, SHIFT_ptr, k, stride_sk, ro, mask_o):
+    """Eval-mode batch norm of point k as its per-channel affine map ``acc * scale + shift`` (columns ``ro``)."""
+    scale = tl.load(SCALE_ptr + k * stride_sk + ro, mask=mask_o, other=0.0)
+    shift = tl.load(SHIFT_ptr + k * stride_sk + ro, mask=mask_o, other=0.0)
+    return acc * scale[None, :] + shift[None, :]
+
+
+@triton.jit
+def finish(acc, RELU: tl.constexpr, OUT_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """ReLU, and bf16 round-to-nearest-even where the interpreter's store would truncate."""
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    if OUT_BF16 and EMULATE_BF16:
+        acc = bf16_rne(acc)
+    return acc
 
 
 def launch_options() -> dict:

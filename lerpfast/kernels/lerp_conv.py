@@ -24,7 +24,18 @@ import torch
 import triton
 import triton.language as tl
 
-from lerpfast.kernels._common import INTERPRET, as_operand, bf16_rne, dot_code, launch_options, mma, points_coefs
+from lerpfast.kernels._common import (
+    INTERPRET,
+    as_operand,
+    bn_affine,
+    combine_tile,
+    dot_code,
+    finish,
+    launch_options,
+    load_coefs,
+    mma,
+    points_coefs,
+)
 from lerpfast.kernels._ref import combine_ref_dtype as _combine_ref
 from lerpfast.kernels._ref import epilogue_ref
 from lerpfast.kernels.lerp_linear import _bias_args, _check_points, lerp_mix
@@ -68,15 +79,7 @@ def _lerp_conv2d_fwd_kernel(
     pid_m = pid // num_o
     pid_o = pid % num_o
     a = tl.load(IDX_ptr + k).to(tl.int64)
-    c0 = 0.0
-    c1 = 0.0
-    c2 = 0.0
-    if J >= 1:
-        c0 = tl.load(C_ptr + k * stride_ck).to(tl.float32)
-    if J >= 2:
-        c1 = tl.load(C_ptr + k * stride_ck + 1).to(tl.float32)
-    if J >= 3:
-        c2 = tl.load(C_ptr + k * stride_ck + 2).to(tl.float32)
+    c0, c1, c2 = load_coefs(C_ptr, k, stride_ck, J)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixel index over (N, OH, OW), int64
     ro = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -104,13 +107,7 @@ def _lerp_conv2d_fwd_kernel(
                 mask_c = (c_start + rc) < C
                 xt = tl.load(x_ptrs, mask=valid[:, None] & mask_c[None, :], other=0.0)
                 mw = mask_c[:, None] & mask_o[None, :]
-                w = tl.load(wa_ptrs, mask=mw, other=0.0).to(tl.float32)
-                if J >= 1:
-                    w += c0 * tl.load(wd_ptrs, mask=mw, other=0.0).to(tl.float32)
-                if J >= 2:
-                    w += c1 * tl.load(wd_ptrs + stride_wdj, mask=mw, other=0.0).to(tl.float32)
-                if J >= 3:
-                    w += c2 * tl.load(wd_ptrs + 2 * stride_wdj, mask=mw, other=0.0).to(tl.float32)
+                w = combine_tile(wa_ptrs, wd_ptrs, stride_wdj, mw, c0, c1, c2, J)  # fp32 combine, any compute dtype
                 acc = mma(as_operand(xt, DOT, EMULATE_BF16), as_operand(w, DOT, EMULATE_BF16), acc, DOT,
                           EMULATE_BF16)
                 x_ptrs += BLOCK_C * stride_xc
@@ -118,26 +115,15 @@ def _lerp_conv2d_fwd_kernel(
                 wd_ptrs += BLOCK_C * stride_wdc
 
     if HAS_BIAS:
-        bias = tl.load(BA_ptr + a * stride_bam + ro, mask=mask_o, other=0.0).to(tl.float32)
-        if JB >= 1:
-            bias += c0 * tl.load(BD_ptr + ro, mask=mask_o, other=0.0).to(tl.float32)
-        if JB >= 2:
-            bias += c1 * tl.load(BD_ptr + stride_bdj + ro, mask=mask_o, other=0.0).to(tl.float32)
-        if JB >= 3:
-            bias += c2 * tl.load(BD_ptr + 2 * stride_bdj + ro, mask=mask_o, other=0.0).to(tl.float32)
+        bias = combine_tile(BA_ptr + a * stride_bam + ro, BD_ptr + ro, stride_bdj, mask_o, c0, c1, c2, JB)
         acc += bias[None, :]
     if HAS_BN:
-        scale = tl.load(SCALE_ptr + k * stride_sk + ro, mask=mask_o, other=0.0)
-        shift = tl.load(SHIFT_ptr + k * stride_sk + ro, mask=mask_o, other=0.0)
-        acc = acc * scale[None, :] + shift[None, :]
+        acc = bn_affine(acc, SCALE_ptr, SHIFT_ptr, k, stride_sk, ro, mask_o)
     mask = mask_m[:, None] & mask_o[None, :]
     if HAS_RES:
         r_off = k * stride_rk + n * stride_rn + oh * stride_rh + ow * stride_rw
         acc += tl.load(RES_ptr + r_off[:, None] + ro[None, :] * stride_ro, mask=mask, other=0.0).to(tl.float32)
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
-    if OUT_BF16 and EMULATE_BF16:
-        acc = bf16_rne(acc)
+    acc = finish(acc, RELU, OUT_BF16, EMULATE_BF16)
     y_off = k * stride_yk + n * stride_yn + oh * stride_yh + ow * stride_yw
     tl.store(Y_ptr + y_off[:, None] + ro[None, :] * stride_yo, acc.to(Y_ptr.dtype.element_ty), mask=mask)
 

@@ -24,7 +24,18 @@ import torch
 import triton
 import triton.language as tl
 
-from lerpfast.kernels._common import INTERPRET, as_operand, bf16_rne, dot_code, launch_options, mma, points_coefs
+from lerpfast.kernels._common import (
+    INTERPRET,
+    as_operand,
+    bn_affine,
+    combine_tile,
+    dot_code,
+    finish,
+    launch_options,
+    load_coefs,
+    mma,
+    points_coefs,
+)
 from lerpfast.kernels._ref import bn_fold, epilogue_ref
 from lerpfast.kernels._ref import combine_ref_dtype as _combine_ref
 
@@ -67,16 +78,7 @@ def _lerp_linear_fwd_kernel(
     pid_n = pid // num_o
     pid_o = pid % num_o
     a = tl.load(IDX_ptr + k).to(tl.int64)
-    # J <= 3 coefficients as scalars, loaded once (not once per reduction step).
-    c0 = 0.0
-    c1 = 0.0
-    c2 = 0.0
-    if J >= 1:
-        c0 = tl.load(C_ptr + k * stride_ck).to(tl.float32)
-    if J >= 2:
-        c1 = tl.load(C_ptr + k * stride_ck + 1).to(tl.float32)
-    if J >= 3:
-        c2 = tl.load(C_ptr + k * stride_ck + 2).to(tl.float32)
+    c0, c1, c2 = load_coefs(C_ptr, k, stride_ck, J)  # once per program, not once per reduction step
 
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ro = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -93,39 +95,22 @@ def _lerp_linear_fwd_kernel(
         mask_i = (i0 + ri) < IN
         xt = tl.load(x_ptrs, mask=mask_n[:, None] & mask_i[None, :], other=0.0)
         mw = mask_i[:, None] & mask_o[None, :]
-        w = tl.load(wa_ptrs, mask=mw, other=0.0).to(tl.float32)  # fp32 combine, whatever the compute dtype
-        if J >= 1:
-            w += c0 * tl.load(wd_ptrs, mask=mw, other=0.0).to(tl.float32)
-        if J >= 2:
-            w += c1 * tl.load(wd_ptrs + stride_wdj, mask=mw, other=0.0).to(tl.float32)
-        if J >= 3:
-            w += c2 * tl.load(wd_ptrs + 2 * stride_wdj, mask=mw, other=0.0).to(tl.float32)
+        w = combine_tile(wa_ptrs, wd_ptrs, stride_wdj, mw, c0, c1, c2, J)  # fp32 combine, any compute dtype
         acc = mma(as_operand(xt, DOT, EMULATE_BF16), as_operand(w, DOT, EMULATE_BF16), acc, DOT, EMULATE_BF16)
         x_ptrs += BLOCK_I * stride_xi
         wa_ptrs += BLOCK_I * stride_wai
         wd_ptrs += BLOCK_I * stride_wdi
 
     if HAS_BIAS:
-        bias = tl.load(BA_ptr + a * stride_bam + ro, mask=mask_o, other=0.0).to(tl.float32)
-        if JB >= 1:
-            bias += c0 * tl.load(BD_ptr + ro, mask=mask_o, other=0.0).to(tl.float32)
-        if JB >= 2:
-            bias += c1 * tl.load(BD_ptr + stride_bdj + ro, mask=mask_o, other=0.0).to(tl.float32)
-        if JB >= 3:
-            bias += c2 * tl.load(BD_ptr + 2 * stride_bdj + ro, mask=mask_o, other=0.0).to(tl.float32)
+        bias = combine_tile(BA_ptr + a * stride_bam + ro, BD_ptr + ro, stride_bdj, mask_o, c0, c1, c2, JB)
         acc += bias[None, :]
     if HAS_BN:
-        scale = tl.load(SCALE_ptr + k * stride_sk + ro, mask=mask_o, other=0.0)
-        shift = tl.load(SHIFT_ptr + k * stride_sk + ro, mask=mask_o, other=0.0)
-        acc = acc * scale[None, :] + shift[None, :]
+        acc = bn_affine(acc, SCALE_ptr, SHIFT_ptr, k, stride_sk, ro, mask_o)
     mask = mask_n[:, None] & mask_o[None, :]
     if HAS_RES:
         r_ptrs = RES_ptr + k * stride_rk + rn[:, None] * stride_rn + ro[None, :] * stride_ro
         acc += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
-    if OUT_BF16 and EMULATE_BF16:
-        acc = bf16_rne(acc)  # the interpreter's fp32 -> bf16 store truncates
+    acc = finish(acc, RELU, OUT_BF16, EMULATE_BF16)
     y_ptrs = Y_ptr + k * stride_yk + rn[:, None] * stride_yn + ro[None, :] * stride_yo
     tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=mask)
 
@@ -162,40 +147,18 @@ def _lerp_mix_kernel(
     mask = (rr < R)[:, None] & mask_o[None, :]
     off = rr[:, None] * stride_br + ro[None, :] * stride_bo
     t = tl.load(POS_ptr + k).to(tl.int64)
-    acc = tl.load(B_ptr + t * stride_bt + off, mask=mask, other=0.0).to(tl.float32)
-    c0 = 0.0
-    c1 = 0.0
-    c2 = 0.0
-    if J >= 1:
-        c0 = tl.load(C_ptr + k * stride_ck).to(tl.float32)
-        acc += c0 * tl.load(B_ptr + TA * stride_bt + off, mask=mask, other=0.0).to(tl.float32)
-    if J >= 2:
-        c1 = tl.load(C_ptr + k * stride_ck + 1).to(tl.float32)
-        acc += c1 * tl.load(B_ptr + (TA + 1) * stride_bt + off, mask=mask, other=0.0).to(tl.float32)
-    if J >= 3:
-        c2 = tl.load(C_ptr + k * stride_ck + 2).to(tl.float32)
-        acc += c2 * tl.load(B_ptr + (TA + 2) * stride_bt + off, mask=mask, other=0.0).to(tl.float32)
+    c0, c1, c2 = load_coefs(C_ptr, k, stride_ck, J)
+    acc = combine_tile(B_ptr + t * stride_bt + off, B_ptr + TA * stride_bt + off, stride_bt, mask, c0, c1, c2, J)
     if HAS_BIAS:
         a = tl.load(IDX_ptr + k).to(tl.int64)
-        bias = tl.load(BA_ptr + a * stride_bam + ro, mask=mask_o, other=0.0).to(tl.float32)
-        if JB >= 1:
-            bias += c0 * tl.load(BD_ptr + ro, mask=mask_o, other=0.0).to(tl.float32)
-        if JB >= 2:
-            bias += c1 * tl.load(BD_ptr + stride_bdj + ro, mask=mask_o, other=0.0).to(tl.float32)
-        if JB >= 3:
-            bias += c2 * tl.load(BD_ptr + 2 * stride_bdj + ro, mask=mask_o, other=0.0).to(tl.float32)
+        bias = combine_tile(BA_ptr + a * stride_bam + ro, BD_ptr + ro, stride_bdj, mask_o, c0, c1, c2, JB)
         acc += bias[None, :]
     if HAS_BN:
-        scale = tl.load(SCALE_ptr + k * stride_sk + ro, mask=mask_o, other=0.0)
-        shift = tl.load(SHIFT_ptr + k * stride_sk + ro, mask=mask_o, other=0.0)
-        acc = acc * scale[None, :] + shift[None, :]
+        acc = bn_affine(acc, SCALE_ptr, SHIFT_ptr, k, stride_sk, ro, mask_o)
     if HAS_RES:
         acc += tl.load(RES_ptr + k * stride_rk + rr[:, None] * stride_rr + ro[None, :] * stride_ro,
                        mask=mask, other=0.0).to(tl.float32)
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
-    if OUT_BF16 and EMULATE_BF16:
-        acc = bf16_rne(acc)
+    acc = finish(acc, RELU, OUT_BF16, EMULATE_BF16)
     tl.store(Y_ptr + k * stride_yk + rr[:, None] * stride_yr + ro[None, :] * stride_yo,
              acc.to(Y_ptr.dtype.element_ty), mask=mask)
 
