@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from lerpfast._version import __version__
 from lerpfast.checkpoints import describe, load_checkpoints
 from lerpfast.engine.functional import ParamSlice, Points, combine
+from lerpfast.engine.fusion import resolve_fuse
 from lerpfast.engine.model import MultiPointModel, logits_of, precision_context
 from lerpfast.geometry import AffineSlice, Slice, as_slice
 from lerpfast.metrics import PointMetrics
@@ -181,9 +182,14 @@ class _Evaluator:
 
 
 class _EngineEvaluator(_Evaluator):
-    def __init__(self, model, aff, *, fallback=(), **kw):
+    def __init__(self, model, aff, *, fallback=(), fuse="auto", **kw):
         super().__init__(model, aff, **kw)
-        self.mp = MultiPointModel(model, aff.to(self.device), fallback=fallback).to(self.device)
+        # BN under "recompute" normalizes with batch statistics, not a per-point affine map: never fused
+        eff = False if self.policy == "recompute" else fuse
+        self.mp = MultiPointModel(model, aff.to(self.device), fallback=fallback, fuse=eff).to(self.device)
+        self.mp.fusion["mode"] = fuse
+        if eff is not fuse:
+            self.mp.fusion["reason"] = "bn='recompute' uses batch statistics"
         if self.channels_last:
             self.mp.to(memory_format=torch.channels_last)
 
@@ -343,6 +349,7 @@ def sweep(
     channels_last: bool = False,
     labels: Sequence[str] | None = None,
     distributed: bool | None = None,
+    fuse: bool | str = "auto",
 ) -> SweepResult:
     """Evaluate ``model`` at every point of a slice of weight space.
 
@@ -376,6 +383,9 @@ def sweep(
     distributed : shard the points across the ranks of the initialized ``torch.distributed`` process group
         (default: when one is initialized with more than one rank). Every rank returns the full result; only
         rank 0 opens the store. Launch with ``torchrun``; each rank evaluates on its own ``device``.
+    fuse : epilogue fusion of conv / linear -> eval BN -> (+ residual) -> ReLU chains into one op (one Triton
+        kernel on a GPU; ``lerpfast.engine.fusion``): ``"auto"`` (on CUDA), True or False. Never under
+        ``bn="recompute"``. ``meta["fusion"]`` lists the fused chains.
 
     Returns
     -------
@@ -390,6 +400,7 @@ def sweep(
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
+    resolve_fuse(fuse, device)  # validates
     spec: Slice = as_slice(ckpts, alphas)
     combine_dtype = torch.float64 if precision == "fp64" else torch.float32
     states = load_checkpoints(spec.sources, model, labels)
@@ -448,7 +459,7 @@ def sweep(
     t0 = time.perf_counter()
     try:
         if method == "engine":
-            ev = _EngineEvaluator(model, aff, fallback=fallback, **kw)
+            ev = _EngineEvaluator(model, aff, fallback=fallback, fuse=fuse, **kw)
         elif method == "loop":
             ev = _LoopEvaluator(model, aff, **kw)
         else:
@@ -477,6 +488,7 @@ def sweep(
         meta["paths"] = ev.mp.report()
         meta["held_bytes"] = ev.mp.held_bytes()
         meta["max_materialized_bytes"] = ev.mp.ctx.max_materialized
+        meta["fusion"] = ev.mp.fusion_report()
     return SweepResult(aff.kind, aff.coords, aff.coord_names, metrics, meta, aff.grid_shape)
 
 

@@ -250,6 +250,17 @@ def _triton_shape_ok(x: torch.Tensor, w: ParamSlice, pts: Points) -> bool:
             and (w.dirs is None or w.dirs.dtype == torch.float32))
 
 
+def _epilogue(y: torch.Tensor, bn, residual, relu: bool, channel_dim: int = -1) -> torch.Tensor:
+    """:func:`epilogue_ref` on the torch paths. A bf16 / fp16 output (autocast) gets the epilogue in fp32 and one
+    rounding at the end, as the fused kernels do on their fp32 accumulator (and as batch norm does internally):
+    rounding the BN scale to bf16 first would add an error the unfused model does not have."""
+    if bn is None and residual is None and not relu:
+        return y
+    if y.dtype in (torch.bfloat16, torch.float16) and (bn is not None or residual is not None):
+        return epilogue_ref(y.float(), bn, residual, relu, channel_dim).to(y.dtype)
+    return epilogue_ref(y, bn, residual, relu, channel_dim)
+
+
 # ------------------------------------------------------------------------------------------ ops
 
 
@@ -268,7 +279,7 @@ def lerp_linear_fused(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts:
     """
 
     def torch_fn():
-        return epilogue_ref(F.lerp_linear(x, w, b, pts, shared_input), bn, residual, relu)
+        return _epilogue(F.lerp_linear(x, w, b, pts, shared_input), bn, residual, relu)
 
     candidates: dict[str, Callable | None] = {"triton": None, "cuda": None}
     if _triton_shape_ok(x, w, pts):
@@ -286,7 +297,7 @@ def lerp_linear_fused(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts:
         ext.load()
         y = torch.ops.lerpfast.lerp_linear(x, w.anchors, w.dirs, _anchors(b), _dirs(b), pts.anchor_idx, pts.coefs,
                                            shared_input)
-        return epilogue_ref(y, bn, residual, relu)
+        return _epilogue(y, bn, residual, relu)
 
     candidates["cuda"] = cuda_fn
     key = _shape_key(x, w.anchors, w.dirs, _anchors(b), pts.coefs, residual) + (shared_input, bn is not None, relu)
@@ -319,7 +330,7 @@ def lerp_conv_fused(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: P
 
     def torch_fn():
         y = F.lerp_conv(x, w, b, pts, stride, padding, dilation, groups, shared_input)
-        return epilogue_ref(y, bn, residual, relu, channel_dim=2)
+        return _epilogue(y, bn, residual, relu, channel_dim=2)
 
     candidates: dict[str, Callable | None] = {"triton": None, "cuda": None}
     pad = _explicit_padding(padding, w, dilation)

@@ -14,6 +14,7 @@ from torch import nn
 
 from lerpfast.engine import dispatch
 from lerpfast.engine.functional import ParamSlice, Points, combine
+from lerpfast.kernels._ref import bn_fold
 
 __all__ = ["PointContext", "MultiPointLayer", "NATIVE_LAYERS"]
 
@@ -104,7 +105,17 @@ def _split(x: torch.Tensor, K: int) -> torch.Tensor:
 
 
 class MPLinear(MultiPointLayer):
-    def run(self, x: torch.Tensor) -> torch.Tensor:  # (K*B, ..., in)
+    @property
+    def out_channels(self) -> int:
+        return self.slices["weight"].anchors.shape[1]
+
+    def out_shape(self, in_shape: torch.Size) -> tuple[int, ...]:
+        return (*in_shape[:-1], self.out_channels)
+
+    def run(self, x: torch.Tensor, bn: tuple[torch.Tensor, torch.Tensor] | None = None,
+            residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:  # (K*B, ..., in)
+        """Without the keywords: the layer. With them (engine fusion, see :mod:`lerpfast.engine.fusion`): the layer
+        followed by the per-point affine ``bn`` (over the last axis), + ``residual`` (the output's shape), ReLU."""
         K, lead = self.ctx.K, x.shape[:-1]
         shared = self.ctx.is_shared(x)
         xin = x.reshape(K, -1, x.shape[-1])  # (K, N, in)
@@ -112,7 +123,12 @@ class MPLinear(MultiPointLayer):
             xin = xin[0]  # (N, in): the same rows for every point
         w = self.slices["weight"]
         self.ctx.note(K * w.anchors[0].numel() * w.anchors.element_size())
-        out = dispatch.lerp_linear(xin, w, self.slice("bias"), self.ctx.pts, shared_input=shared)  # (K, N, out)
+        if bn is None and residual is None and not relu:
+            out = dispatch.lerp_linear(xin, w, self.slice("bias"), self.ctx.pts, shared_input=shared)  # (K, N, out)
+        else:
+            res = None if residual is None else residual.reshape(K, -1, residual.shape[-1])
+            out = dispatch.lerp_linear_fused(xin, w, self.slice("bias"), self.ctx.pts, shared_input=shared, bn=bn,
+                                             residual=res, relu=relu)
         return out.reshape(*lead, out.shape[-1])
 
 
@@ -127,7 +143,27 @@ class MPConv(MultiPointLayer):
         else:
             self.padding = source.padding
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:  # (K*B, C, *spatial)
+    @property
+    def out_channels(self) -> int:
+        return self.slices["weight"].anchors.shape[1]
+
+    def out_shape(self, in_shape: torch.Size) -> tuple[int, ...]:
+        """Shape of this layer's output for an input of shape ``in_shape`` (K*B, C, *spatial)."""
+        ks = self.slices["weight"].anchors.shape[3:]
+        sp = list(in_shape[2:])
+        if self.padding_mode != "zeros":
+            sp = [n + self.pad[2 * (len(sp) - 1 - i)] + self.pad[2 * (len(sp) - 1 - i) + 1] for i, n in enumerate(sp)]
+        if self.padding == "same":
+            return (in_shape[0], self.out_channels, *sp)
+        pad = (0,) * len(sp) if self.padding == "valid" else _tuple(self.padding, len(sp))
+        st, dil = _tuple(self.stride, len(sp)), _tuple(self.dilation, len(sp))
+        out = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip(sp, pad, dil, ks, st)]
+        return (in_shape[0], self.out_channels, *out)
+
+    def run(self, x: torch.Tensor, bn: tuple[torch.Tensor, torch.Tensor] | None = None,
+            residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:  # (K*B, C, *spatial)
+        """Without the keywords: the layer. With them (engine fusion, see :mod:`lerpfast.engine.fusion`): the conv
+        followed by the per-point per-channel affine ``bn``, + ``residual`` (the output's shape), ReLU."""
         K = self.ctx.K
         shared = self.ctx.is_shared(x)
         if self.padding_mode != "zeros":
@@ -137,9 +173,18 @@ class MPConv(MultiPointLayer):
             xin = xin[0]
         w = self.slices["weight"]
         self.ctx.note(K * w.anchors[0].numel() * w.anchors.element_size())
-        out = dispatch.lerp_conv(xin, w, self.slice("bias"), self.ctx.pts, self.stride, self.padding, self.dilation,
-                                 self.groups, shared_input=shared)  # (K, B, O, *sp')
+        if bn is None and residual is None and not relu:
+            out = dispatch.lerp_conv(xin, w, self.slice("bias"), self.ctx.pts, self.stride, self.padding,
+                                     self.dilation, self.groups, shared_input=shared)  # (K, B, O, *sp')
+        else:
+            out = dispatch.lerp_conv_fused(xin, w, self.slice("bias"), self.ctx.pts, self.stride, self.padding,
+                                           self.dilation, self.groups, shared_input=shared, bn=bn,
+                                           residual=None if residual is None else _split(residual, K), relu=relu)
         return out.reshape(K * out.shape[1], *out.shape[2:])
+
+
+def _tuple(v, n: int) -> tuple:
+    return (v,) * n if isinstance(v, int) else tuple(v)
 
 
 class MPBatchNorm(MultiPointLayer):
@@ -155,9 +200,40 @@ class MPBatchNorm(MultiPointLayer):
         self.track = source.track_running_stats
         self.calibrated: tuple[torch.Tensor, torch.Tensor] | None = None  # (K, C) each, "recompute" policy
         self.n_calib = 0
+        self._fold: tuple | None = None  # (points, (scale, shift)) of the last fold()
 
     def reset_calibration(self) -> None:
         self.calibrated, self.n_calib = None, 0
+        self._fold = None
+
+    @property
+    def num_features(self) -> int:
+        for key in ("running_mean", "weight", "bias"):
+            if key in self.slices:
+                return self.slices[key].anchors.shape[1]
+        return -1
+
+    def foldable(self) -> bool:
+        """True when this BN is a per-point affine map of its input: eval mode with running statistics that
+        follow the slice (BN policies 'interpolate' and 'endpoint'), not batch statistics ('recompute')."""
+        return (self.track and "running_mean" in self.slices and "running_var" in self.slices
+                and not self.ctx.calibrate and self.calibrated is None)
+
+    def fold(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift), (K, C) each in the slice's dtype: ``bn(y) = y * scale[k] + shift[k]`` for point k
+        (:func:`lerpfast.kernels._ref.bn_fold`); cached until the points change."""
+        pts = self.ctx.pts
+        if self._fold is not None and self._fold[0] is pts:
+            return self._fold[1]
+        s = self.slices
+
+        def pair(key):
+            return None if key not in s else (s[key].anchors, s[key].dirs)
+
+        folded = bn_fold(pair("weight"), pair("bias"), pair("running_mean"), pair("running_var"), self.eps,
+                         pts.anchor_idx, pts.coefs, dtype=s["running_mean"].anchors.dtype)
+        self._fold = (pts, folded)
+        return folded
 
     def run(self, x: torch.Tensor) -> torch.Tensor:  # (K*B, C, *)
         K = self.ctx.K

@@ -12,6 +12,8 @@ from torch.utils._pytree import tree_map
 
 from lerpfast.engine.fallback import FallbackModule
 from lerpfast.engine.functional import Points
+from lerpfast.engine.fusion import FusedChain, resolve_fuse
+from lerpfast.engine.fusion import fuse as fuse_net
 from lerpfast.engine.layers import NATIVE_LAYERS, MPBatchNorm, MultiPointLayer, PointContext
 from lerpfast.geometry import AffineSlice
 
@@ -62,9 +64,14 @@ class MultiPointModel(nn.Module):
     The user's model is deep-copied once and never modified. Supported layer types become multi-point
     layers; any other module that directly owns interpolated tensors runs through :class:`FallbackModule`,
     as do the modules named in ``fallback``. ``paths`` maps module names to the path they run on.
+
+    ``fuse`` ("auto": when the slice lives on a CUDA device, True, False): trace the converted network with
+    torch.fx and run conv / linear -> eval BN -> (+ residual) -> ReLU chains as one fused op
+    (:mod:`lerpfast.engine.fusion`); :meth:`fusion_report` says what was fused.
     """
 
-    def __init__(self, model: nn.Module, slice_: AffineSlice, *, fallback: Iterable[str | type] = ()):
+    def __init__(self, model: nn.Module, slice_: AffineSlice, *, fallback: Iterable[str | type] = (),
+                 fuse: bool | str = "auto"):
         super().__init__()
         self.ctx = PointContext()
         self.slice = slice_
@@ -76,6 +83,13 @@ class MultiPointModel(nn.Module):
         if root is None:
             self._rewrite(net, "", force)
             root = net
+        # Epilogue fusion (engine/fusion.py): conv / linear -> eval BN -> (+ residual) -> ReLU as one op.
+        anchors = next(iter(slice_.params.values())).anchors if slice_.params else None
+        device = anchors.device if anchors is not None else torch.device("cpu")
+        self.fusion: dict = {"mode": fuse, "enabled": resolve_fuse(fuse, device), "fused": [], "untraced": {}}
+        if self.fusion["enabled"]:
+            root, rep = fuse_net(root, self.ctx)
+            self.fusion.update(rep)
         self.net = root
         self.net.eval()
         dtype = next(iter(slice_.params.values())).anchors.dtype if slice_.params else torch.float32
@@ -137,6 +151,13 @@ class MultiPointModel(nn.Module):
                 path += f" ({m.mode})"
             out[m.name or "<root>"] = path
         return out
+
+    def fusion_report(self) -> dict:
+        """What epilogue fusion did: mode, enabled, the fused chains, modules fx could not trace, and how many
+        chain calls ran fused / unfused (a chain runs unfused under BN recalibration or inputs it cannot take)."""
+        chains = [m for m in self.net.modules() if isinstance(m, FusedChain)]
+        calls = {k: sum(c.calls[k] for c in chains) for k in ("fused", "partial", "unfused")}
+        return {**self.fusion, "chains": len(chains), "calls": calls}
 
     def held_bytes(self) -> int:
         """Bytes of the slice tensors the model holds: independent of K."""
