@@ -26,7 +26,7 @@ from lerpfast._version import __version__
 from lerpfast.checkpoints import describe, load_checkpoints
 from lerpfast.engine.functional import ParamSlice, Points, combine
 from lerpfast.engine.fusion import resolve_fuse
-from lerpfast.engine.model import MultiPointModel, logits_of, precision_context
+from lerpfast.engine.model import GraphedForward, MultiPointModel, logits_of, precision_context
 from lerpfast.geometry import AffineSlice, Slice, as_slice
 from lerpfast.metrics import PointMetrics
 from lerpfast.result import SweepResult
@@ -182,7 +182,7 @@ class _Evaluator:
 
 
 class _EngineEvaluator(_Evaluator):
-    def __init__(self, model, aff, *, fallback=(), fuse="auto", **kw):
+    def __init__(self, model, aff, *, fallback=(), fuse="auto", compile=False, **kw):  # noqa: A002
         super().__init__(model, aff, **kw)
         # BN under "recompute" normalizes with batch statistics, not a per-point affine map: never fused
         eff = False if self.policy == "recompute" else fuse
@@ -192,12 +192,21 @@ class _EngineEvaluator(_Evaluator):
             self.mp.fusion["reason"] = "bn='recompute' uses batch statistics"
         if self.channels_last:
             self.mp.to(memory_format=torch.channels_last)
+        self.graphed = None
+        if compile == "cudagraphs":
+            self.graphed = GraphedForward(self.mp)
+        elif compile:
+            self.mp.net = torch.compile(self.mp.net, backend="inductor" if compile is True else compile, dynamic=False)
 
     def evaluate(self, pts: Points, ref: Points | None, data) -> dict[str, np.ndarray]:
         K = pts.K
         allp = pts if ref is None else Points(torch.cat([pts.anchor_idx, ref.anchor_idx]),
                                               torch.cat([pts.coefs, ref.coefs]))
         self.mp.set_points(allp.to(self.device))
+        forward = self.mp
+        if self.graphed is not None:
+            self.graphed.reset()  # new points (and, below, new BN statistics): capture again
+            forward = self.graphed
         metrics = PointMetrics(K, loss_fn=self.loss_fn, reference=ref is not None)
         with torch.inference_mode(), precision_context(self.precision, self.device):
             if self.policy == "recompute":
@@ -209,7 +218,7 @@ class _EngineEvaluator(_Evaluator):
                     self.mp.ctx.calibrate = False
             n = 0
             for x, y in self.batches(data):
-                logits = self.mp(x, y.shape[0])  # (K+1, B, C)
+                logits = forward(x, y.shape[0])  # (K+1, B, C)
                 metrics.update(logits[:K], y, None if ref is None else logits[K])
                 n += y.shape[0]
                 self.tick(1)
@@ -350,6 +359,7 @@ def sweep(
     labels: Sequence[str] | None = None,
     distributed: bool | None = None,
     fuse: bool | str = "auto",
+    compile: bool | str = False,  # noqa: A002 - torch's name for it
 ) -> SweepResult:
     """Evaluate ``model`` at every point of a slice of weight space.
 
@@ -386,6 +396,10 @@ def sweep(
     fuse : epilogue fusion of conv / linear -> eval BN -> (+ residual) -> ReLU chains into one op (one Triton
         kernel on a GPU; ``lerpfast.engine.fusion``): ``"auto"`` (on CUDA), True or False. Never under
         ``bn="recompute"``. ``meta["fusion"]`` lists the fused chains.
+    compile : launch-overhead reduction of the engine's batched forward: ``"cudagraphs"`` (CUDA only: the
+        forward of each batch shape is captured once per chunk of points and replayed), True
+        (``torch.compile`` with inductor) or a ``torch.compile`` backend name (e.g. ``"aot_eager"``); False
+        (default) runs eagerly. torch.compile is experimental here: the dispatch layer breaks its graphs.
 
     Returns
     -------
@@ -401,6 +415,12 @@ def sweep(
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
     resolve_fuse(fuse, device)  # validates
+    if compile is not False and not (compile is True or isinstance(compile, str)):
+        raise ValueError(f"compile={compile!r}: expected False, True, 'cudagraphs' or a torch.compile backend name")
+    if compile is not False and method != "engine":
+        raise ValueError(f"compile={compile!r} applies to method='engine' only")
+    if compile == "cudagraphs" and device.type != "cuda":
+        raise ValueError(f"compile='cudagraphs' needs a CUDA device; the sweep runs on {device}")
     spec: Slice = as_slice(ckpts, alphas)
     combine_dtype = torch.float64 if precision == "fp64" else torch.float32
     states = load_checkpoints(spec.sources, model, labels)
@@ -459,7 +479,7 @@ def sweep(
     t0 = time.perf_counter()
     try:
         if method == "engine":
-            ev = _EngineEvaluator(model, aff, fallback=fallback, fuse=fuse, **kw)
+            ev = _EngineEvaluator(model, aff, fallback=fallback, fuse=fuse, compile=compile, **kw)
         elif method == "loop":
             ev = _LoopEvaluator(model, aff, **kw)
         else:
@@ -489,6 +509,9 @@ def sweep(
         meta["held_bytes"] = ev.mp.held_bytes()
         meta["max_materialized_bytes"] = ev.mp.ctx.max_materialized
         meta["fusion"] = ev.mp.fusion_report()
+        meta["compile"] = compile
+        if ev.graphed is not None:
+            meta["cudagraphs"] = "failed: ran eagerly" if ev.graphed.failed else "replayed"
     return SweepResult(aff.kind, aff.coords, aff.coord_names, metrics, meta, aff.grid_shape)
 
 

@@ -339,3 +339,50 @@ def test_triton_fused_engine_matches_float64(monkeypatch, bn):
     plain = sweep(model, (model, theta_b), alphas, data, precision="fp32", fuse=False, **kw)
     assert_match(fused, ref, 1e-5, discrete_atol=1.01 / 5)
     assert_match(fused, plain, 1e-5, discrete_atol=1.01 / 5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# compile: torch.compile of the batched forward (CPU: aot_eager) and CUDA graphs (GPU only)
+
+
+def test_compile_equals_eager():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, theta_b, data = _make("vgg_bn")
+    alphas = [-0.2, 0.5, 1.0]
+    for precision, rtol in (("fp64", 1e-10), ("fp32", 1e-5)):
+        eager = sweep(model, (model, theta_b), alphas, data, precision=precision, fuse=True, batch_size=5)
+        comp = sweep(model, (model, theta_b), alphas, data, precision=precision, fuse=True, batch_size=5,
+                     compile="aot_eager", points_per_pass=2)
+        assert_match(comp, eager, rtol)
+        assert comp.meta["compile"] == "aot_eager" and comp.meta["fusion"]["calls"]["fused"] > 0
+    assert counters["stats"]["unique_graphs"] > 0  # dynamo really compiled parts of the forward
+    torch._dynamo.reset()
+
+
+def test_compile_argument_validated():
+    model, theta_b, data = _make("vgg_bn")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cudagraphs"):
+            sweep(model, (model, theta_b), [0.5], data, compile="cudagraphs")
+    with pytest.raises(ValueError, match="compile="):
+        sweep(model, (model, theta_b), [0.5], data, compile=3)
+    with pytest.raises(ValueError, match="engine"):
+        sweep(model, (model, theta_b), [0.5], data, compile=True, method="loop")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bn", ["interpolate", "recompute"])
+def test_cudagraphs_equal_eager_on_gpu(bn):
+    model, theta_b, data = _make("resnet20")
+    calib = _images(10, data[0].shape[1:], 10, seed=7)
+    alphas = np.linspace(-0.25, 1.25, 7)
+    kw = dict(bn=bn, bn_data=calib, batch_size=4, device="cuda", precision="fp32", points_per_pass=3)
+    eager = sweep(model, (model, theta_b), alphas, data, **kw)
+    graphed = sweep(model, (model, theta_b), alphas, data, compile="cudagraphs", **kw)
+    assert graphed.meta["cudagraphs"] == "replayed"
+    assert_match(graphed, eager, 1e-5, discrete_atol=1.01 / len(data[1]))
+    oracle = sweep(model, (model, theta_b), alphas, data, method="loop", **{**kw, "precision": "fp64"})
+    assert_match(graphed, oracle, 1e-4, discrete_atol=1.01 / len(data[1]))

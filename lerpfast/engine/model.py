@@ -8,8 +8,9 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from lerpfast.engine.dispatch import _autocast_dtype
 from lerpfast.engine.fallback import FallbackModule
 from lerpfast.engine.functional import Points
 from lerpfast.engine.fusion import FusedChain, resolve_fuse
@@ -17,7 +18,7 @@ from lerpfast.engine.fusion import fuse as fuse_net
 from lerpfast.engine.layers import NATIVE_LAYERS, MPBatchNorm, MultiPointLayer, PointContext
 from lerpfast.geometry import AffineSlice
 
-__all__ = ["MultiPointModel", "precision_context", "logits_of"]
+__all__ = ["MultiPointModel", "GraphedForward", "precision_context", "logits_of"]
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp64")
 
@@ -203,6 +204,72 @@ class MultiPointModel(nn.Module):
                 out = self.net(xr)
         logits = logits_of(out)
         return logits.reshape(K, batch, *logits.shape[1:])
+
+
+class GraphedForward:
+    """``mp(x, batch)`` replayed from CUDA graphs: one launch per batch instead of one per op (launch overhead is
+    what limits small models at large K).
+
+    A graph is captured per (input structure, shapes, dtypes, batch, autocast / tf32 state) for the current
+    points, after two eager warm-up calls on a side stream (the dispatcher measures and Triton autotunes
+    there; the BN folds are cached then, so the graph reads them as fixed inputs). :meth:`reset` drops the
+    graphs: call it after ``set_points`` or any change of the model's state (BN recalibration). A capture
+    that fails (an op that synchronizes with the host, e.g. the point-by-point fallback of an LSTM) warns once
+    and the forward runs eagerly from then on.
+    """
+
+    def __init__(self, mp: MultiPointModel):
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDA graphs need a CUDA device")
+        self.mp = mp
+        self.graphs: dict = {}
+        self.failed = False
+
+    def reset(self) -> None:
+        self.graphs.clear()
+
+    def __call__(self, x, batch: int):
+        leaves, spec = tree_flatten(x)
+        tensors = [t for t in leaves if torch.is_tensor(t)]
+        if self.failed or not tensors or any(t.device.type != "cuda" for t in tensors):
+            return self.mp(x, batch)
+        key = (str(spec), batch, _autocast_dtype(tensors[0].device), torch.backends.cuda.matmul.allow_tf32,
+               torch.backends.cudnn.allow_tf32,
+               tuple((tuple(t.shape), t.dtype, t.stride()) if torch.is_tensor(t) else repr(t) for t in leaves))
+        entry = self.graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._capture(leaves, spec, batch)
+            except Exception as exc:  # any capture failure: eager from now on
+                import warnings
+
+                warnings.warn(f"lerpfast: CUDA graph capture failed ({exc!r}); running eagerly", RuntimeWarning,
+                              stacklevel=2)
+                self.failed = True
+                self.graphs.clear()
+                torch.cuda.synchronize()
+                return self.mp(x, batch)
+            self.graphs[key] = entry
+        graph, static, out = entry
+        for s, t in zip(static, leaves):
+            if torch.is_tensor(t):
+                s.copy_(t)
+        graph.replay()
+        return out.clone()  # the static output is overwritten by the next replay
+
+    def _capture(self, leaves, spec, batch):
+        static = [t.clone() if torch.is_tensor(t) else t for t in leaves]
+        sx = tree_unflatten(static, spec)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.mp(sx, batch)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.mp(sx, batch)
+        return graph, static, out
 
 
 @contextlib.contextmanager
