@@ -394,7 +394,8 @@ def sweep(
         (default: when one is initialized with more than one rank). Every rank returns the full result; only
         rank 0 opens the store. Launch with ``torchrun``; each rank evaluates on its own ``device``.
     fuse : epilogue fusion of conv / linear -> eval BN -> (+ residual) -> ReLU chains into one op (one Triton
-        kernel on a GPU; ``lerpfast.engine.fusion``): ``"auto"`` (on CUDA), True or False. Never under
+        kernel on a GPU, per-point convs with BN folded in on a CPU; ``lerpfast.engine.fusion``): ``"auto"`` (on CUDA
+        and CPU), True or False. Never under
         ``bn="recompute"``. ``meta["fusion"]`` lists the fused chains.
     compile : launch-overhead reduction of the engine's batched forward: ``"cudagraphs"`` (CUDA only: the
         forward of each batch shape is captured once per chunk of points and replayed), True

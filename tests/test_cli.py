@@ -82,8 +82,9 @@ def test_sweep_show_plot_resume_end_to_end(run_dir, tmp_path, capsys):
     made = {p.name for p in (tmp_path / "figs").iterdir()}
     assert {"lines.png", "lines.svg", "plane_loss_contour.png", "plane_loss_surface.png", "ray_ray.png"} <= made
     # --run adds the training trajectory (Goodfellow et al.) from the run's checkpoints
-    assert main(["plot", str(store), "--out", str(tmp_path / "figs2"), "--names", "init-final", "--run", str(run_dir)]) == 0
-    assert {p.name for p in (tmp_path / "figs2").iterdir()} >= {"lines.png", "trajectory.png"}
+    figs2 = tmp_path / "figs2"
+    assert main(["plot", str(store), "--out", str(figs2), "--names", "init-final", "--run", str(run_dir)]) == 0
+    assert {p.name for p in figs2.iterdir()} >= {"lines.png", "trajectory.png"}
 
 
 def test_expected_errors_have_codes_and_one_line(run_dir, tmp_path, capsys):

@@ -25,7 +25,7 @@ if not torch.cuda.is_available():
 
 from lerpfast import sweep  # noqa: E402
 from lerpfast.engine import dispatch  # noqa: E402
-from lerpfast.engine.fusion import FusedChain  # noqa: E402
+from lerpfast.engine.fusion import FusedChain, resolve_fuse  # noqa: E402
 from lerpfast.engine.model import MultiPointModel  # noqa: E402
 from lerpfast.geometry import as_slice  # noqa: E402
 from lerpfast.train import models as zoo  # noqa: E402
@@ -119,16 +119,20 @@ def test_fused_ops_really_run(monkeypatch):
     seen.clear()
     sweep(model, (model, theta_b), [0.5], data, fuse=True, bn="recompute", bn_data=data, batch_size=9, reference=None)
     assert seen == []
-    sweep(model, (model, theta_b), [0.5], data, batch_size=9, reference=None)  # "auto" on the CPU: not fused
+    sweep(model, (model, theta_b), [0.5], data, batch_size=9, reference=None)  # "auto" fuses on the CPU too
+    assert len(seen) == 21
+    seen.clear()
+    sweep(model, (model, theta_b), [0.5], data, fuse=False, batch_size=9, reference=None)
     assert seen == []
 
 
-def test_fuse_argument_validated_and_auto_is_off_on_cpu():
+def test_fuse_argument_validated_and_auto_is_on_for_cpu():
     model, theta_b, data = _make("vgg_bn")
     with pytest.raises(ValueError, match="fuse="):
         sweep(model, (model, theta_b), [0.5], data, fuse="yes")
     r = sweep(model, (model, theta_b), [0.5], data)
-    assert r.meta["fusion"]["mode"] == "auto" and r.meta["fusion"]["enabled"] is False
+    assert r.meta["fusion"]["mode"] == "auto" and r.meta["fusion"]["enabled"] is True
+    assert resolve_fuse("auto", torch.device("meta")) is False
 
 
 # ---------------------------------------------------------------------------------------------------------------

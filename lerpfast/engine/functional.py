@@ -107,7 +107,7 @@ def _mix(mix: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return out.reshape(mix.shape[0], *y.shape[1:])
 
 
-def _points_bias(b: ParamSlice | None, pts: Points) -> torch.Tensor | None:
+def points_bias(b: ParamSlice | None, pts: Points) -> torch.Tensor | None:
     return None if b is None else combine(b.anchors, b.dirs, pts.anchor_idx, pts.coefs)
 
 
@@ -134,13 +134,13 @@ def lerp_linear(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Point
     else:
         weight = combine(w.anchors, w.dirs, pts.anchor_idx, pts.coefs)  # (K, out, in)
         out = torch.bmm(x, weight.to(x.dtype).transpose(1, 2))  # (K, N, out)
-    bias = _points_bias(b, pts)
+    bias = points_bias(b, pts)
     if bias is not None:
         out = out + bias.to(out.dtype)[:, None, :]
     return out
 
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def lerp_conv(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Points, stride, padding, dilation,
@@ -157,7 +157,7 @@ def lerp_conv(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Points,
     (K, N, O, *spatial_out)
     """
     nd = w.anchors.dim() - 3
-    conv = _CONV[nd]
+    conv = CONV[nd]
     K = pts.K
     if shared_input:
         # Convolution is linear in the weights: convolve the N shared rows with the used anchors and the J
@@ -173,10 +173,48 @@ def lerp_conv(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Points,
         out = _mix(mix, y)
     else:
         weight = combine(w.anchors, w.dirs, pts.anchor_idx, pts.coefs).to(x.dtype)  # (K, O, C/g, *k)
+        if x.device.type == "cpu":
+            return conv_per_point(conv, x, weight, points_bias(b, pts), stride, padding, dilation, groups)
         out = _grouped(conv, x, weight, None, stride, padding, dilation, groups)
-    bias = _points_bias(b, pts)
+    bias = points_bias(b, pts)
     if bias is not None:
         out = out + bias.to(out.dtype).reshape((K, 1, -1) + (1,) * nd)
+    return out
+
+
+def conv_per_point(conv, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation,
+                   groups: int, *, bn: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+    """(K, N, C, *sp) x (K, O, C/g, *k) -> (K, N, O, *sp'): one convolution per point, the CPU layout.
+
+    On a CPU a convolution of one point's batch is compute-bound and its output still sits in cache, while the
+    grouped form (points folded into channels) needs transposes in and out and a slower grouped kernel, and
+    streams K-times-larger activations through memory. Each point's conv reads its own contiguous block
+    ``x[k]``. The epilogue (per-channel affine ``bn`` = (scale, shift) of shape (K, O), + ``residual`` of the
+    output's shape, ReLU) costs no extra pass where it can be avoided: the affine is folded into the point's
+    weights and bias (``W * scale``, ``b * scale + shift``: the same map, rounded differently by one ulp-level
+    step), and the residual add or the ReLU writes the output straight into the (K, ...) result while it is hot.
+    """
+    K = x.shape[0]
+    out = None
+    for k in range(K):
+        wk = weight[k]
+        bk = None if bias is None else bias[k].to(x.dtype)
+        if bn is not None:
+            scale, shift = bn[0][k].to(x.dtype), bn[1][k].to(x.dtype)
+            wk = wk * scale.reshape((-1,) + (1,) * (wk.dim() - 1))
+            bk = shift if bk is None else torch.addcmul(shift, bk, scale)
+        y = conv(x[k], wk, bk, stride, padding, dilation, groups)
+        if out is None:
+            out = y.new_empty((K, *y.shape))
+        if residual is not None:
+            torch.add(y, residual[k].to(y.dtype), out=out[k])
+            if relu:
+                out[k].clamp_min_(0)
+        elif relu:
+            torch.clamp_min(y, 0, out=out[k])
+        else:
+            out[k].copy_(y)
     return out
 
 

@@ -188,9 +188,10 @@ def _tuple(v, n: int) -> tuple:
 
 
 class MPBatchNorm(MultiPointLayer):
-    """Batch norm with per-point statistics, run as one ``F.batch_norm`` with points folded into channels.
+    """Batch norm with per-point statistics: one ``F.batch_norm`` with points folded into channels (GPU), or one
+    per point (CPU: no transposes, activations normalized while in cache).
 
-    Folding makes every point's arithmetic exactly PyTorch's, in eval mode and in the "recompute" policy's
+    Either way every point's arithmetic is exactly PyTorch's, in eval mode and in the "recompute" policy's
     calibration, where ``momentum=1/n`` reproduces BatchNorm's cumulative average (``momentum=None``).
     """
 
@@ -238,8 +239,7 @@ class MPBatchNorm(MultiPointLayer):
     def run(self, x: torch.Tensor) -> torch.Tensor:  # (K*B, C, *)
         K = self.ctx.K
         xs = _split(x, K)  # (K, B, C, *)
-        B, C = xs.shape[1], xs.shape[2]
-        xf = xs.transpose(0, 1).reshape(B, K * C, *xs.shape[3:])  # (B, K*C, *): points folded into channels
+        C = xs.shape[2]
         weight, bias = self.build("weight"), self.build("bias")
         weight = None if weight is None else weight.reshape(K * C).to(x.dtype)
         bias = None if bias is None else bias.reshape(K * C).to(x.dtype)
@@ -249,16 +249,26 @@ class MPBatchNorm(MultiPointLayer):
                 self.calibrated = (torch.zeros(K * C, dtype=dt, device=x.device),
                                    torch.ones(K * C, dtype=dt, device=x.device))
             self.n_calib += 1
-            y = F.batch_norm(xf, self.calibrated[0], self.calibrated[1], weight, bias, True, 1.0 / self.n_calib,
-                             self.eps)
+            mean, var, training, momentum = self.calibrated[0], self.calibrated[1], True, 1.0 / self.n_calib
         elif not self.track:
-            y = F.batch_norm(xf, None, None, weight, bias, True, 0.0, self.eps)
+            mean, var, training, momentum = None, None, True, 0.0
         else:
             if self.calibrated is not None:
                 mean, var = self.calibrated
             else:
                 mean, var = self.build("running_mean").reshape(K * C), self.build("running_var").reshape(K * C)
-            y = F.batch_norm(xf, mean.to(x.dtype), var.to(x.dtype), weight, bias, False, 0.0, self.eps)
+            mean, var, training, momentum = mean.to(x.dtype), var.to(x.dtype), False, 0.0
+        if x.device.type == "cpu":
+            # one batch_norm per point on its contiguous block (the calibration statistics update in place through
+            # the views): no transposes, and each point's activations are normalized while in cache
+            def part(t, k):
+                return None if t is None else t[k * C:(k + 1) * C]
+
+            return torch.stack([F.batch_norm(xs[k], part(mean, k), part(var, k), part(weight, k), part(bias, k),
+                                             training, momentum, self.eps) for k in range(K)]).reshape(x.shape)
+        B = xs.shape[1]
+        xf = xs.transpose(0, 1).reshape(B, K * C, *xs.shape[3:])  # (B, K*C, *): points folded into channels
+        y = F.batch_norm(xf, mean, var, weight, bias, training, momentum, self.eps)
         return y.reshape(B, K, C, *xs.shape[3:]).transpose(0, 1).reshape(x.shape)
 
 
