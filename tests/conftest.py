@@ -7,6 +7,17 @@ import torch
 torch.set_num_threads(int(os.environ.get("LERPFAST_TEST_THREADS", "1")))
 
 
+@pytest.fixture
+def clean_dispatch(monkeypatch):
+    """Automatic backend choice, and no measured choices or call counts carried between tests."""
+    from lerpfast.engine import dispatch  # late: test modules set TRITON_INTERPRET before anything imports triton
+
+    monkeypatch.delenv("LERPFAST_BACKEND", raising=False)
+    dispatch.reset()
+    yield
+    dispatch.reset()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -9,7 +9,7 @@ from lerpfast.engine import functional as F
 from lerpfast.engine.functional import ParamSlice, Points
 from lerpfast.kernels._ref import epilogue_ref
 
-CASES = [  # nd, K, N, C, O, spatial, kernel, stride, padding, dilation, groups
+CASES = [  # nd, K, N, C, CO, spatial, kernel, stride, padding, dilation, groups
     (1, 3, 2, 4, 6, (11,), (3,), 2, 1, 1, 2),
     (2, 1, 3, 3, 5, (7, 9), (3, 3), 1, 1, 1, 1),
     (2, 17, 2, 4, 4, (5, 6), (3, 2), (2, 1), (1, 0), (1, 2), 4),
@@ -17,12 +17,12 @@ CASES = [  # nd, K, N, C, O, spatial, kernel, stride, padding, dilation, groups
 ]
 
 
-def _case(nd, K, N, C, O, sp, ks, groups, J=2, M=2, seed=0):
+def _case(nd, K, N, C, CO, sp, ks, groups, J=2, M=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    w = ParamSlice(torch.randn(M, O, C // groups, *ks, generator=g, dtype=torch.float64),
-                   torch.randn(J, O, C // groups, *ks, generator=g, dtype=torch.float64) * 0.3)
-    b = ParamSlice(torch.randn(M, O, generator=g, dtype=torch.float64),
-                   torch.randn(J, O, generator=g, dtype=torch.float64) * 0.3)
+    w = ParamSlice(torch.randn(M, CO, C // groups, *ks, generator=g, dtype=torch.float64),
+                   torch.randn(J, CO, C // groups, *ks, generator=g, dtype=torch.float64) * 0.3)
+    b = ParamSlice(torch.randn(M, CO, generator=g, dtype=torch.float64),
+                   torch.randn(J, CO, generator=g, dtype=torch.float64) * 0.3)
     pts = Points(torch.randint(0, M, (K,), generator=g), torch.rand(K, J, generator=g, dtype=torch.float64) * 3 - 1)
     x = torch.randn(K, N, C, *sp, generator=g, dtype=torch.float64)
     return x, w, b, pts
@@ -44,11 +44,11 @@ def _reference(x, w, b, pts, stride, padding, dilation, groups, bn=None, residua
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("epilogue", ["none", "bn_relu", "bn_res_relu", "res"])
 def test_per_point_conv_matches_float64(case, epilogue, dtype):
-    nd, K, N, C, O, sp, ks, stride, padding, dilation, groups = case
-    x, w, b, pts = _case(nd, K, N, C, O, sp, ks, groups, seed=K + nd)
+    nd, K, N, C, CO, sp, ks, stride, padding, dilation, groups = case
+    x, w, b, pts = _case(nd, K, N, C, CO, sp, ks, groups, seed=K + nd)
     g = torch.Generator().manual_seed(1)
-    bn = (torch.rand(K, O, generator=g, dtype=torch.float64) + 0.5,
-          torch.randn(K, O, generator=g, dtype=torch.float64)) if "bn" in epilogue else None
+    bn = (torch.rand(K, CO, generator=g, dtype=torch.float64) + 0.5,
+          torch.randn(K, CO, generator=g, dtype=torch.float64)) if "bn" in epilogue else None
     ref = _reference(x, w, b, pts, stride, padding, dilation, groups)
     residual = torch.randn(ref.shape, generator=g, dtype=torch.float64) if "res" in epilogue else None
     relu = "relu" in epilogue

@@ -50,12 +50,7 @@ def _make(case):
     return model.eval(), _perturb(model, 1), data
 
 
-@pytest.fixture(autouse=True)
-def _clean(monkeypatch):
-    monkeypatch.delenv("LERPFAST_BACKEND", raising=False)
-    dispatch.reset()
-    yield
-    dispatch.reset()
+pytestmark = pytest.mark.usefixtures("clean_dispatch")
 
 
 # ---------------------------------------------------------------------------------------------------------------

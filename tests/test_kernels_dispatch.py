@@ -13,13 +13,7 @@ from lerpfast.engine import dispatch  # noqa: E402
 from lerpfast.engine import functional as F  # noqa: E402
 from lerpfast.kernels import ext  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _clean(monkeypatch):
-    monkeypatch.delenv("LERPFAST_BACKEND", raising=False)
-    dispatch.reset()
-    yield
-    dispatch.reset()
+pytestmark = pytest.mark.usefixtures("clean_dispatch")
 
 
 def _layer(K=3, J=2, M=2, N=5, IN=37, OUT=17, seed=0):

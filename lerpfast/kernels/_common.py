@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["INTERPRET", "DOT_IEEE", "DOT_TF32", "DOT_BF16", "dot_code", "bf16_rne", "as_operand", "mma",
-           "load_coefs", "combine_tile", "bn_affine", "finish", "points_coefs", "launch_options"]
+           "load_coefs", "combine_tile", "bn_affine", "bias_bn", "finish", "points_coefs", "launch_options"]
 
 # Decided once, at import, exactly as triton.jit decides between the compiler and the interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -127,6 +127,17 @@ def bn_affine(acc, SCALE_ptr, SHIFT_ptr, k, stride_sk, ro, mask_o):
     scale = tl.load(SCALE_ptr + k * stride_sk + ro, mask=mask_o, other=0.0)
     shift = tl.load(SHIFT_ptr + k * stride_sk + ro, mask=mask_o, other=0.0)
     return acc * scale[None, :] + shift[None, :]
+
+
+@triton.jit
+def bias_bn(acc, k, a, ro, mask_o, c0, c1, c2, BA_ptr, stride_bam, BD_ptr, stride_bdj, SCALE_ptr, SHIFT_ptr, stride_sk,
+            HAS_BIAS: tl.constexpr, JB: tl.constexpr, HAS_BN: tl.constexpr):
+    """Epilogue head on an (rows, ro) fp32 tile of point k (anchor a): + the point's bias, then its BN affine."""
+    if HAS_BIAS:
+        acc += combine_tile(BA_ptr + a * stride_bam + ro, BD_ptr + ro, stride_bdj, mask_o, c0, c1, c2, JB)[None, :]
+    if HAS_BN:
+        acc = bn_affine(acc, SCALE_ptr, SHIFT_ptr, k, stride_sk, ro, mask_o)
+    return acc
 
 
 @triton.jit

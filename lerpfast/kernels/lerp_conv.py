@@ -27,7 +27,7 @@ import triton.language as tl
 from lerpfast.kernels._common import (
     INTERPRET,
     as_operand,
-    bn_affine,
+    bias_bn,
     combine_tile,
     dot_code,
     finish,
@@ -114,11 +114,8 @@ def _lerp_conv2d_fwd_kernel(
                 wa_ptrs += BLOCK_C * stride_wac
                 wd_ptrs += BLOCK_C * stride_wdc
 
-    if HAS_BIAS:
-        bias = combine_tile(BA_ptr + a * stride_bam + ro, BD_ptr + ro, stride_bdj, mask_o, c0, c1, c2, JB)
-        acc += bias[None, :]
-    if HAS_BN:
-        acc = bn_affine(acc, SCALE_ptr, SHIFT_ptr, k, stride_sk, ro, mask_o)
+    acc = bias_bn(acc, k, a, ro, mask_o, c0, c1, c2, BA_ptr, stride_bam, BD_ptr, stride_bdj, SCALE_ptr, SHIFT_ptr,
+                  stride_sk, HAS_BIAS, JB, HAS_BN)
     mask = mask_m[:, None] & mask_o[None, :]
     if HAS_RES:
         r_off = k * stride_rk + n * stride_rn + oh * stride_rh + ow * stride_rw

@@ -27,7 +27,7 @@ import triton.language as tl
 from lerpfast.kernels._common import (
     INTERPRET,
     as_operand,
-    bn_affine,
+    bias_bn,
     combine_tile,
     dot_code,
     finish,
@@ -101,11 +101,8 @@ def _lerp_linear_fwd_kernel(
         wa_ptrs += BLOCK_I * stride_wai
         wd_ptrs += BLOCK_I * stride_wdi
 
-    if HAS_BIAS:
-        bias = combine_tile(BA_ptr + a * stride_bam + ro, BD_ptr + ro, stride_bdj, mask_o, c0, c1, c2, JB)
-        acc += bias[None, :]
-    if HAS_BN:
-        acc = bn_affine(acc, SCALE_ptr, SHIFT_ptr, k, stride_sk, ro, mask_o)
+    acc = bias_bn(acc, k, a, ro, mask_o, c0, c1, c2, BA_ptr, stride_bam, BD_ptr, stride_bdj, SCALE_ptr, SHIFT_ptr,
+                  stride_sk, HAS_BIAS, JB, HAS_BN)
     mask = mask_n[:, None] & mask_o[None, :]
     if HAS_RES:
         r_ptrs = RES_ptr + k * stride_rk + rn[:, None] * stride_rn + ro[None, :] * stride_ro
@@ -149,12 +146,9 @@ def _lerp_mix_kernel(
     t = tl.load(POS_ptr + k).to(tl.int64)
     c0, c1, c2 = load_coefs(C_ptr, k, stride_ck, J)
     acc = combine_tile(B_ptr + t * stride_bt + off, B_ptr + TA * stride_bt + off, stride_bt, mask, c0, c1, c2, J)
-    if HAS_BIAS:
-        a = tl.load(IDX_ptr + k).to(tl.int64)
-        bias = combine_tile(BA_ptr + a * stride_bam + ro, BD_ptr + ro, stride_bdj, mask_o, c0, c1, c2, JB)
-        acc += bias[None, :]
-    if HAS_BN:
-        acc = bn_affine(acc, SCALE_ptr, SHIFT_ptr, k, stride_sk, ro, mask_o)
+    a = tl.load(IDX_ptr + k).to(tl.int64)
+    acc = bias_bn(acc, k, a, ro, mask_o, c0, c1, c2, BA_ptr, stride_bam, BD_ptr, stride_bdj, SCALE_ptr, SHIFT_ptr,
+                  stride_sk, HAS_BIAS, JB, HAS_BN)
     if HAS_RES:
         acc += tl.load(RES_ptr + k * stride_rk + rr[:, None] * stride_rr + ro[None, :] * stride_ro,
                        mask=mask, other=0.0).to(tl.float32)
