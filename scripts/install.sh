@@ -21,10 +21,18 @@ if command -v apt-get >/dev/null; then
     $SUDO apt-get install -y -qq dataset-fashion-mnist pkg-config libopencv-dev libturbojpeg0-dev >/dev/null
   fi
 fi
-PIP="python -m pip"
+# A distribution's own Python (PEP 668, e.g. Debian 12's /usr/bin/python3) refuses pip installs outside a venv:
+# say how to make one instead of failing halfway through.
+PY="${PYTHON:-$(command -v python || command -v python3)}"  # a bare Debian has only python3
+if "$PY" -c 'import sys, sysconfig, os; sys.exit(0 if sys.prefix == sys.base_prefix and os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")) else 1)'; then
+  echo "install.sh: $PY is managed by the system package manager (PEP 668)." >&2
+  echo "  Create and activate a virtual environment first:  python3 -m venv .venv && source .venv/bin/activate" >&2
+  exit 1
+fi
+PIP="$PY -m pip"
 $PIP install -q --upgrade pip setuptools wheel
 $PIP install -q "${LERPFAST_TORCH:-torch==2.13.0}"
 # FFCV 1.0.2 builds against numpy/opencv/turbojpeg at install time and needs these at import time
 $PIP install -q numpy "opencv-python-headless" numba pillow assertpy fastargs terminaltables pkgconfig
 $PIP install -q --no-build-isolation -e ".[${extras}]"
-python -c "import lerpfast, torch; print('lerpfast', lerpfast.__version__, '| torch', torch.__version__)"
+"$PY" -c "import lerpfast, torch; print('lerpfast', lerpfast.__version__, '| torch', torch.__version__)"
