@@ -89,6 +89,8 @@ class SweepOptions:
     points_per_pass: int | None = _f(None, "points evaluated per forward pass (default: all)")
     method: str = _f("engine", "engine (batched) | loop (one point at a time, the oracle) | vmap")
     reference: str = _f("first", "point for functional distance and disagreement: first | none | an index")
+    fuse: str = _f("auto", "fuse conv/linear -> BN -> add -> ReLU chains into one op: auto | true | false")
+    compile: str = _f("false", "engine forward: false | cudagraphs (CUDA) | true (torch.compile) | a backend name")
     threads: int | None = _f(None, "torch intra-op threads (default: torch's choice)")
     # -- output ------------------------------------------------------------------------------------------------
     store: str = _f("results.h5", "HDF5 result file (created if absent; many sweeps per file)")
@@ -307,8 +309,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         reference = None
     elif reference.lstrip("-").isdigit():
         reference = int(reference)
+    flags = {"true": True, "false": False}
+    fuse = flags.get(opts.fuse.lower(), opts.fuse)
+    compile_ = flags.get(opts.compile.lower(), opts.compile)
     t0 = time.perf_counter()
-    res = lerpfast.sweep(model, spec, None, data, bn=opts.bn, precision=opts.precision,
+    res = lerpfast.sweep(model, spec, None, data, bn=opts.bn, precision=opts.precision, fuse=fuse, compile=compile_,
                          batch_size=opts.batch_size, points_per_pass=opts.points_per_pass, device=device,
                          progress=opts.progress and sys.stderr.isatty(), reference=reference, method=opts.method,
                          store=opts.store, name=name, labels=labels)

@@ -394,9 +394,8 @@ def sweep(
         (default: when one is initialized with more than one rank). Every rank returns the full result; only
         rank 0 opens the store. Launch with ``torchrun``; each rank evaluates on its own ``device``.
     fuse : epilogue fusion of conv / linear -> eval BN -> (+ residual) -> ReLU chains into one op (one Triton
-        kernel on a GPU, per-point convs with BN folded in on a CPU; ``lerpfast.engine.fusion``): ``"auto"`` (on CUDA
-        and CPU), True or False. Never under
-        ``bn="recompute"``. ``meta["fusion"]`` lists the fused chains.
+        kernel on a GPU, per-point convs with BN folded in on a CPU; ``lerpfast.engine.fusion``): ``"auto"``
+        (on CUDA and CPU), True or False. Never under ``bn="recompute"``. ``meta["fusion"]`` lists the chains.
     compile : launch-overhead reduction of the engine's batched forward: ``"cudagraphs"`` (CUDA only: the
         forward of each batch shape is captured once per chunk of points and replayed), True
         (``torch.compile`` with inductor) or a ``torch.compile`` backend name (e.g. ``"aot_eager"``); False
@@ -450,7 +449,7 @@ def sweep(
         "loss_fn": getattr(loss_fn, "__name__", type(loss_fn).__name__) if loss_fn else "cross_entropy",
         "reference": reference if reference is None or isinstance(reference, (int, str)) else str(reference),
         "lerpfast_version": __version__, "torch_version": torch.__version__, "device": str(device),
-        "slice_info": aff.info,
+        "slice_info": aff.info, "fuse": fuse, "compile": compile,
     }
     fingerprint = _fingerprint({k: meta[k] for k in ("slice", "bn", "precision", "checkpoints", "model",
                                                      "model_params", "data", "loss_fn", "reference")})

@@ -67,6 +67,11 @@ def test_sweep_show_plot_resume_end_to_end(run_dir, tmp_path, capsys):
     # the same command again: nothing left to compute
     assert main(base) == 0
     assert "computed 0 points" in capsys.readouterr().out
+    # engine options reach the sweep and its metadata
+    assert main([*base[:-1], "unfused", "--fuse", "false", "--alphas", "0:1:3"]) == 0
+    capsys.readouterr()
+    stored = ResultStore(store, "r").read("unfused").meta
+    assert stored["fuse"] is False and stored["compile"] is False and stored["method"] == "engine"
     # a plane around the final weights, and a ray, into the same file
     assert main(["sweep", "plane", "--run", str(run_dir), "final", "--store", str(store), "--xs=-1:1:5", "--ys=-1:1:4",
                  "--device", "cpu", "--name", "plane"]) == 0
@@ -98,6 +103,11 @@ def test_expected_errors_have_codes_and_one_line(run_dir, tmp_path, capsys):
     # a bad value: 2
     assert main(["sweep", "line", "--run", str(run_dir), "init", "final", "--alphas", "0:1", *common]) == EXIT_USAGE
     assert "start:stop:num" in capsys.readouterr().err
+    line = ["sweep", "line", "--run", str(run_dir), "init", "final"]
+    assert main([*line, "--fuse", "maybe", *common]) == EXIT_USAGE
+    assert "fuse='maybe'" in capsys.readouterr().err
+    assert main([*line, "--compile", "cudagraphs", *common]) == EXIT_USAGE
+    assert "needs a CUDA device" in capsys.readouterr().err
     # store problems: 4
     assert main(["sweep", "line", "--run", str(run_dir), "init", "final", "--alphas", "0:1:5", *common]) == 0
     capsys.readouterr()

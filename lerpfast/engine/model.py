@@ -66,7 +66,7 @@ class MultiPointModel(nn.Module):
     layers; any other module that directly owns interpolated tensors runs through :class:`FallbackModule`,
     as do the modules named in ``fallback``. ``paths`` maps module names to the path they run on.
 
-    ``fuse`` ("auto": when the slice lives on a CUDA device, True, False): trace the converted network with
+    ``fuse`` ("auto": when the slice lives on a CUDA device or the CPU, True, False): trace the converted network with
     torch.fx and run conv / linear -> eval BN -> (+ residual) -> ReLU chains as one fused op
     (:mod:`lerpfast.engine.fusion`); :meth:`fusion_report` says what was fused.
     """
