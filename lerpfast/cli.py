@@ -49,7 +49,7 @@ SLICE_KINDS = {
     # kind: (number of checkpoints, what they are)
     "line": (2, "theta_a theta_b: the line (1-a)*theta_a + a*theta_b"),
     "bilinear": (4, "t1 t2 t3 t4: the bilinear surface through four points (Im et al. A.1)"),
-    "barycentric": (3, "t0 t1 t2: the triangle through three points (Im et al. A.2)"),
+    "barycentric": (3, "t0 t1 t2: the triangle through three points (Im et al. A.1)"),
     "plane": (1, "center: a random plane around one point, filter-normalized (Li et al.)"),
     "random": (1, "center: one random direction through one point, filter-normalized"),
     "ray": (2, "theta1 theta0: the ray from theta1 towards theta0 in absolute distance (Im et al. Fig. 6)"),
