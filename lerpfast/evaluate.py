@@ -151,6 +151,27 @@ def _apply_bn_policy(aff: AffineSlice, states: list[dict], model: nn.Module, pol
             aff.params[key] = ParamSlice(fixed.unsqueeze(0).expand_as(ps.anchors).contiguous(), None)
 
 
+def _warn_negative_variance(aff: AffineSlice, model: nn.Module) -> None:
+    """Under bn='interpolate', extrapolated running variances can turn negative: BN then yields NaN. Say where."""
+    bad: dict[str, np.ndarray] = {}
+    for key in _bn_keys(model):
+        ps = aff.params.get(key)
+        if key.endswith("running_var") and ps is not None and ps.dirs is not None:
+            var = combine(ps.anchors, ps.dirs, aff.anchor_idx, aff.coefs)  # (K, C): small
+            neg = (var.reshape(aff.K, -1) < 0).any(dim=1).cpu().numpy()
+            if neg.any():
+                bad[key] = neg
+    if not bad:
+        return
+    points = np.flatnonzero(np.any(list(bad.values()), axis=0))
+    where = ", ".join("(" + ", ".join(f"{v:g}" for v in aff.coords[i]) + ")" for i in points[:4])
+    more = f" and {len(points) - 4} more" if len(points) > 4 else ""
+    warnings.warn(f"bn='interpolate': the interpolated running variance is negative in {len(bad)} batch-norm "
+                  f"layer(s) (first: {next(iter(bad))!r}) at {len(points)} of {aff.K} points, coordinates {where}"
+                  f"{more}: batch norm returns NaN there. Use bn='recompute' (with bn_data) or bn='endpoint' to "
+                  "evaluate outside the segment.", RuntimeWarning, stacklevel=3)
+
+
 def _reference_points(aff: AffineSlice, reference) -> Points | None:
     """The point functional distance and disagreement are measured against: first checkpoint by default."""
     if reference is None or reference is False:
@@ -426,6 +447,8 @@ def sweep(
     states = load_checkpoints(spec.sources, model, labels)
     aff = spec.resolve(states, model, combine_dtype)
     _apply_bn_policy(aff, states, model, policy, bn_source)
+    if policy == "interpolate":
+        _warn_negative_variance(aff, model)
     del states
     batches = as_batches(data, batch_size)
     if policy == "recompute":

@@ -7,6 +7,9 @@ BERT and GPT-2 built from small configs (no download).
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -459,3 +462,21 @@ class _nullcontext:
 
     def __exit__(self, *a):
         return False
+
+
+def test_extrapolated_bn_variance_warns_where_it_turns_negative():
+    """bn='interpolate' beyond the segment can make running_var negative: NaN there, and a warning naming it."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    b = copy.deepcopy(a)
+    a[1].running_var.fill_(1.0)
+    b[1].running_var.fill_(9.0)  # var(alpha) = 1 + 8 alpha < 0 for alpha < -1/8
+    x, y = torch.randn(11, 6), torch.randint(0, 3, (11,))
+    with pytest.warns(RuntimeWarning, match=r"'1.running_var'\) at 2 of 5 points, coordinates \(-0.5\), \(-0.25\)"):
+        r = sweep(a, (a, b), [-0.5, -0.25, 0.0, 0.5, 1.5], (x, y))
+    assert np.isnan(r.loss[:2]).all() and np.isfinite(r.loss[2:]).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # inside the segment, or with recalibrated statistics: no warning
+        sweep(a, (a, b), [0.0, 0.5, 1.0], (x, y))
+        r = sweep(a, (a, b), [-0.5, 1.5], (x, y), bn="recompute", bn_data=(x, y))
+    assert np.isfinite(r.loss).all()
