@@ -54,6 +54,9 @@ METHODS = {
     "lerpfast_fp32": dict(method="engine", precision="fp32", channels_last=False),
     "lerpfast_tf32": dict(method="engine", precision="tf32", channels_last=True),
     "lerpfast_bf16": dict(method="engine", precision="bf16", channels_last=True),
+    # what epilogue fusion and CUDA graphs each add (the rows above use the defaults: fused, no graphs)
+    "lerpfast_bf16_unfused": dict(method="engine", precision="bf16", channels_last=True, fuse=False),
+    "lerpfast_bf16_graphs": dict(method="engine", precision="bf16", channels_last=True, compile="cudagraphs"),
 }
 BASELINE_KS = (1, 8, 32, 128)
 
@@ -141,7 +144,7 @@ def _data(n, in_shape, classes, device, seed=0):
 def run_one(lerpfast, model, ends, alphas, data, batch, cfg, device, repeats):
     """Best wall time of ``repeats`` sweeps after a warm-up, peak memory, and the losses."""
     kw = dict(batch_size=batch, device=device, progress=False, method=cfg["method"], precision=cfg["precision"],
-              channels_last=cfg["channels_last"])
+              channels_last=cfg["channels_last"], **{k: cfg[k] for k in ("fuse", "compile") if k in cfg})
     res = lerpfast.sweep(model, ends, alphas, data, **kw)  # warm-up: autotuning, cudnn benchmark, graphs
     best = float("inf")
     if device.type == "cuda":
