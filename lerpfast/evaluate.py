@@ -550,8 +550,8 @@ def _run_chunks(ev, aff: AffineSlice, ref, batches, todo: np.ndarray, P: int, ra
         try:
             if len(mine):
                 vals = ev.evaluate(aff.points(mine), ref, batches)
-        except torch.OutOfMemoryError:
-            if P == 1:
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if P == 1 or not _out_of_memory(exc):
                 raise
             oom = True
         parts = [(mine, vals, oom)] if world == 1 else _all_gather(mine, vals, oom, world)
@@ -568,6 +568,11 @@ def _run_chunks(ev, aff: AffineSlice, ref, batches, todo: np.ndarray, P: int, ra
                 handle.write(idx, v)
         done += len(round_)
     return P
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the plain RuntimeError of torch's CPU allocator."""
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
 
 
 def _dist_info(distributed: bool | None) -> tuple[int, int]:

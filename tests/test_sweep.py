@@ -389,7 +389,14 @@ def test_vmap_baseline_agrees():
     assert_match(res, ref, 1e-10)
 
 
-def test_out_of_memory_halves_points_per_pass(monkeypatch):
+# what CUDA raises, and what torch's CPU allocator raises (a plain RuntimeError)
+OOM_ERRORS = [torch.OutOfMemoryError("simulated: CUDA out of memory"),
+              RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)")]
+
+
+@pytest.mark.parametrize("error", OOM_ERRORS, ids=["cuda", "cpu"])
+def test_out_of_memory_halves_points_per_pass(monkeypatch, error):
     import lerpfast.evaluate as sweep_mod
 
     model, theta_b, data = _make("mlp")
@@ -397,7 +404,7 @@ def test_out_of_memory_halves_points_per_pass(monkeypatch):
 
     def flaky(self, pts, ref, batches):
         if pts.K > 2:
-            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+            raise error
         return real(self, pts, ref, batches)
 
     base = sweep(model, (model, theta_b), "0:1:7", data, precision="fp64")
@@ -406,6 +413,19 @@ def test_out_of_memory_halves_points_per_pass(monkeypatch):
         r = sweep(model, (model, theta_b), "0:1:7", data, precision="fp64")
     assert r.meta["points_per_pass"] == 1  # 7 -> 3 -> 1: halved until a pass fits
     assert_match(r, base, 1e-10)
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory(monkeypatch):
+    import lerpfast.evaluate as sweep_mod
+
+    model, theta_b, data = _make("mlp")
+
+    def broken(self, pts, ref, batches):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(sweep_mod._EngineEvaluator, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        sweep(model, (model, theta_b), "0:1:7", data)
 
 
 def test_tied_weight_read_directly_gives_clear_error():
