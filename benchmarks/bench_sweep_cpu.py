@@ -25,7 +25,9 @@ import torch
 import lerpfast
 from lerpfast.train import models
 
-METHODS = ("loop", "vmap", "engine")
+# name: sweep keywords (engine_unfused shows what epilogue fusion adds on the CPU)
+METHODS = {"loop": dict(method="loop"), "vmap": dict(method="vmap"), "engine": dict(method="engine"),
+           "engine_unfused": dict(method="engine", fuse=False)}
 SETTINGS = {
     # model name, input shape, classes, data size (CPU-sized), points
     "lenet_300_100": ((1, 28, 28), 10, 4096),
@@ -50,16 +52,16 @@ def run(name: str, K: int, n: int, threads: int, repeats: int) -> dict:
     alphas = np.linspace(-0.5, 1.5, K)
     out = {"model": name, "K": K, "num_samples": n, "params": sum(p.numel() for p in a.parameters())}
     results, best = {}, dict.fromkeys(METHODS, float("inf"))
-    # repeats interleave the methods, so a load change on the machine hits all three alike; best of the repeats
+    # repeats interleave the methods, so a load change on the machine hits all of them alike; best of the repeats
     for _ in range(repeats):
         for method in METHODS:
             t0 = time.perf_counter()
-            r = lerpfast.sweep(a, (a, b), alphas, (x, y), batch_size=min(n, 512), method=method, progress=False)
+            r = lerpfast.sweep(a, (a, b), alphas, (x, y), batch_size=min(n, 512), progress=False, **METHODS[method])
             best[method] = min(best[method], time.perf_counter() - t0)
             results[method] = r
     for method in METHODS:
         out[method] = {"seconds": best[method], "image_points_per_s": K * n / best[method]}
-    for method in ("vmap", "engine"):
+    for method in ("vmap", "engine", "engine_unfused"):
         out[method]["speedup_vs_loop"] = out["loop"]["seconds"] / out[method]["seconds"]
         out[method]["max_abs_loss_diff_vs_loop"] = float(np.abs(results[method].loss - results["loop"].loss).max())
     out["engine"]["paths"] = results["engine"].meta["paths"]
@@ -99,7 +101,8 @@ def main(argv=None) -> dict:
         report["runs"].append(r)
         print(f"{name:14s} K={K:3d} N={n:5d}  loop {r['loop']['image_points_per_s']:10.0f} img-pt/s   "
               f"vmap {r['vmap']['image_points_per_s']:10.0f} ({r['vmap']['speedup_vs_loop']:.2f}x)   "
-              f"lerpfast {r['engine']['image_points_per_s']:10.0f} ({r['engine']['speedup_vs_loop']:.2f}x)   "
+              f"lerpfast {r['engine']['image_points_per_s']:10.0f} ({r['engine']['speedup_vs_loop']:.2f}x; "
+              f"unfused {r['engine_unfused']['speedup_vs_loop']:.2f}x)   "
               f"max|dloss| {r['engine']['max_abs_loss_diff_vs_loop']:.1e}")
     report["loadavg_after"] = list(os.getloadavg())
     if not args.quick:

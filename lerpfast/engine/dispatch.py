@@ -330,9 +330,8 @@ def lerp_conv_fused(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: P
 
     def torch_fn():
         if x.device.type == "cpu" and not shared_input and x.dtype in (torch.float32, torch.float64):
-            weight = F.combine(w.anchors, w.dirs, pts.anchor_idx, pts.coefs).to(x.dtype)
-            return F.conv_per_point(F.CONV[weight.dim() - 3], x, weight, F.points_bias(b, pts), stride, padding,
-                                    dilation, groups, bn=bn, residual=residual, relu=relu)
+            return F.conv_per_point(x, w, b, pts, stride, padding, dilation, groups, bn=bn, residual=residual,
+                                    relu=relu)
         y = F.lerp_conv(x, w, b, pts, stride, padding, dilation, groups, shared_input)
         return _epilogue(y, bn, residual, relu, channel_dim=2)
 

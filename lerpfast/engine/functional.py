@@ -145,7 +145,8 @@ CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 def lerp_conv(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Points, stride, padding, dilation,
               groups: int, shared_input: bool = False) -> torch.Tensor:
-    """Multi-point convolution (1-3 d) as one grouped convolution with the points folded into channels.
+    """Multi-point convolution (1-3 d): on CUDA one grouped convolution with the points folded into channels,
+    on the CPU :func:`conv_per_point`; a shared input is convolved once with the anchors and directions.
 
     Parameters
     ----------
@@ -171,10 +172,10 @@ def lerp_conv(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Points,
             xt = x.unsqueeze(0).expand(T, *x.shape)
             y = _grouped(conv, xt, bank.to(x.dtype), None, stride, padding, dilation, groups)  # (T, N, O, *sp)
         out = _mix(mix, y)
+    elif x.device.type == "cpu":
+        return conv_per_point(x, w, b, pts, stride, padding, dilation, groups)
     else:
         weight = combine(w.anchors, w.dirs, pts.anchor_idx, pts.coefs).to(x.dtype)  # (K, O, C/g, *k)
-        if x.device.type == "cpu":
-            return conv_per_point(conv, x, weight, points_bias(b, pts), stride, padding, dilation, groups)
         out = _grouped(conv, x, weight, None, stride, padding, dilation, groups)
     bias = points_bias(b, pts)
     if bias is not None:
@@ -182,10 +183,10 @@ def lerp_conv(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Points,
     return out
 
 
-def conv_per_point(conv, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation,
+def conv_per_point(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Points, stride, padding, dilation,
                    groups: int, *, bn: tuple[torch.Tensor, torch.Tensor] | None = None,
                    residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
-    """(K, N, C, *sp) x (K, O, C/g, *k) -> (K, N, O, *sp'): one convolution per point, the CPU layout.
+    """(K, N, C, *sp) -> (K, N, O, *sp'): one convolution per point with that point's weights, the CPU layout.
 
     On a CPU a convolution of one point's batch is compute-bound and its output still sits in cache, while the
     grouped form (points folded into channels) needs transposes in and out and a slower grouped kernel, and
@@ -195,6 +196,9 @@ def conv_per_point(conv, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     weights and bias (``W * scale``, ``b * scale + shift``: the same map, rounded differently by one ulp-level
     step), and the residual add or the ReLU writes the output straight into the (K, ...) result while it is hot.
     """
+    conv = CONV[w.anchors.dim() - 3]
+    weight = combine(w.anchors, w.dirs, pts.anchor_idx, pts.coefs).to(x.dtype)  # (K, O, C/g, *k)
+    bias = points_bias(b, pts)
     K = x.shape[0]
     out = None
     for k in range(K):

@@ -38,7 +38,7 @@ from lerpfast.kernels._common import (
 )
 from lerpfast.kernels._ref import combine_ref_dtype as _combine_ref
 from lerpfast.kernels._ref import epilogue_ref
-from lerpfast.kernels.lerp_linear import _bias_args, _check_points, lerp_mix
+from lerpfast.kernels.lerp_linear import _bias_args, _bn_args, _check_points, lerp_mix
 
 __all__ = ["lerp_conv2d", "lerp_conv2d_ref", "conv_out_size"]
 
@@ -155,12 +155,7 @@ def _conv_launch(x5, wa, wd, ba, bd, anchor_idx, coefs, stride, padding, dilatio
     wd_ = wd if J else dummy
     wds = wd_.stride() if J else (0,) * 5
     bap, sba, bdp, sbd, JB = _bias_args(ba, bd, J, dummy)
-    if bn is not None:
-        scale, shift = (t.to(torch.float32).contiguous() for t in bn)
-        assert scale.shape == (K, CO), "bn scale/shift must be (K, out_channels)"
-        s_args = (scale, shift, scale.stride(0))
-    else:
-        s_args = (dummy, dummy, 0)
+    s_args = _bn_args(bn, K, CO, dummy)
     r_args = (residual, *residual.stride()) if residual is not None else (dummy, 0, 0, 0, 0, 0)
     grid = lambda meta: (triton.cdiv(N * OH * OW, meta["BLOCK_M"]) * triton.cdiv(CO, meta["BLOCK_O"]), K)
     _lerp_conv2d_fwd_kernel[grid](

@@ -177,14 +177,20 @@ def _bias_args(b_anchors, b_dirs, J, dummy):
     return b_anchors, b_anchors.stride(0), bd, (bd.stride(0) if JB else 0), JB
 
 
+def _bn_args(bn, K, OUT, dummy):
+    """Kernel arguments (scale, shift, row stride) of a per-point BN fold (scale, shift), each (K, OUT), or None."""
+    if bn is None:
+        return dummy, dummy, 0
+    scale, shift = (t.to(torch.float32).contiguous() for t in bn)
+    if scale.shape != (K, OUT) or shift.shape != (K, OUT):
+        raise ValueError(f"bn scale/shift must be (K, out) = ({K}, {OUT}), got {tuple(scale.shape)}, "
+                         f"{tuple(shift.shape)}")
+    return scale, shift, scale.stride(0)
+
+
 def _epi_args(bn, residual3, K, OUT, dummy):
     """bn: (scale (K, OUT), shift (K, OUT)) fp32 or None; residual3: (K, R, OUT) view or None."""
-    if bn is not None:
-        scale, shift = (t.to(torch.float32).contiguous() for t in bn)
-        assert scale.shape == (K, OUT) and shift.shape == (K, OUT), "bn scale/shift must be (K, out)"
-        s_args = (scale, shift, scale.stride(0))
-    else:
-        s_args = (dummy, dummy, 0)
+    s_args = _bn_args(bn, K, OUT, dummy)
     if residual3 is not None:
         r_args = (residual3, residual3.stride(0), residual3.stride(1), residual3.stride(2))
     else:
