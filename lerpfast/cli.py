@@ -1,8 +1,8 @@
 """``lerpfast``: the command line.
 
 Sub-commands: ``sweep`` (line, bilinear, barycentric, plane, random, ray), ``show``, ``plot``, ``train``,
-``data``, ``bench``, ``demo``. Options of ``sweep`` are generated from :class:`SweepOptions` (field help texts),
-those of ``train`` from :class:`lerpfast.train.TrainConfig`.
+``reproduce``, ``data``, ``bench``, ``demo``. Options of ``sweep`` are generated from :class:`SweepOptions` (field
+help texts), those of ``train`` from :class:`lerpfast.train.TrainConfig`.
 
 Exit codes: 0 success; 2 usage (bad option or value); 3 data or checkpoint problem; 4 result-store problem
 (file in use, corrupt, a different sweep under the same name); 130 interrupted. Expected errors print one line,
@@ -177,11 +177,9 @@ def _add_sweep(sub) -> None:
 
 
 def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
+    from lerpfast.distributed import local_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return local_device(name)
 
 
 def _resolve_checkpoints(tokens: Sequence[str], opts: SweepOptions) -> tuple[list, list[str]]:
@@ -297,7 +295,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     import lerpfast
     from lerpfast.analysis import barrier, max_increase
+    from lerpfast.distributed import init_from_env
 
+    rank, world = init_from_env()  # under torchrun: points sharded over the ranks, rank 0 writes the store
     if opts.threads:
         torch.set_num_threads(opts.threads)
     ckpts, labels = _resolve_checkpoints(args.checkpoints, opts)
@@ -318,9 +318,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                          progress=opts.progress and sys.stderr.isatty(), reference=reference, method=opts.method,
                          store=opts.store, name=name, labels=labels)
     seconds = time.perf_counter() - t0
+    if rank != 0:
+        return EXIT_OK
     computed = res.meta.get("points_computed", res.K)
+    ranks = f", {world} ranks" if world > 1 else ""
     line = (f"{opts.store}:{name}  {res.kind}  K={res.K}  computed {computed} points in {seconds:.1f}s  "
-            f"({dataset}/{opts.split}, {res.meta.get('num_samples', '?')} samples, {device})")
+            f"({dataset}/{opts.split}, {res.meta.get('num_samples', '?')} samples, {device}{ranks})")
     print(line)
     loss = np.asarray(res.metrics["loss"])
     if np.isfinite(loss).any():
@@ -604,6 +607,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     _add_external(sub, "train", "lerpfast.train.cli", "train models with checkpoint schedules and replicates",
                   command == "train")
     _add_external(sub, "data", "lerpfast.data.cli", "data sets: list, info, write-ffcv", command == "data")
+    _add_external(sub, "reproduce", "lerpfast.reproduce", "reproduce a paper's experiments and check its claims",
+                  command == "reproduce")
     _add_bench(sub)
     _add_demo(sub)
     return parser

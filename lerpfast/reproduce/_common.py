@@ -1,0 +1,261 @@
+"""What every paper's reproduction shares: settings, the run context, claims and the summary.
+
+A paper module (``goodfellow``, ``frankle``, ``im``) has a ``TITLE``, a ``DEFAULTS`` dict and a function
+``run(ctx: Context) -> None`` that trains what it needs with :meth:`Context.train`, sweeps with
+:meth:`Context.sweep`, draws with :meth:`Context.figure` and records each checked statement with
+:meth:`Context.claim`. :func:`lerpfast.reproduce.reproduce` then writes ``summary.md`` (the claims table) and
+``summary.json`` next to ``results.h5`` and ``figs/``.
+
+Everything is resumable for free: training runs live in ``<out>/runs`` under the hash of their
+hyper-parameters (a finished run is skipped, an interrupted one resumes) and every sweep is a named entry of
+``<out>/results.h5`` (a complete sweep is read back, an interrupted one computes only its missing points), so
+re-running a reproduction redoes only the analysis and the figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Claim", "Settings", "Context", "fmt", "fmt_pm"]
+
+
+@dataclass
+class Claim:
+    """One statement of a paper, checked on our data.
+
+    Attributes
+    ----------
+    claim : the paper's statement, in a few words ("the init -> final line decreases monotonically").
+    source : where the paper makes it ("Fig. 3", "§3.1", "Table 1").
+    ours : our number(s), formatted, with what they are ("max increase 0.000 +- 0.000 (3 replicates)").
+    agrees : True / False; None when the claim cannot be checked here (the note says why).
+    note : where our setting differs (data, model size, training length), or how the check was made.
+    values : the raw numbers behind ``ours`` (for tests and for summary.json).
+    """
+
+    claim: str
+    source: str
+    ours: str
+    agrees: bool | None
+    note: str = ""
+    values: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Settings:
+    """What a reproduction runs on; ``dataset`` and ``model`` are resolved (never ``None``) by then."""
+
+    paper: str
+    out: Path
+    dataset: str
+    model: str
+    quick: bool = False
+    device: str = "cpu"
+    threads: int = 1
+    progress: bool = False
+    command: str = ""
+
+
+def fmt(x: float, digits: int = 4) -> str:
+    """A number for the claims table: fixed point for ordinary sizes, scientific for tiny or huge ones."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "nan"
+    ax = abs(x)
+    if ax != 0 and (ax < 10 ** -(digits - 1) or ax >= 1e5):
+        return f"{x:.{max(1, digits - 2)}e}"
+    return f"{x:.{digits}f}"
+
+
+def fmt_pm(mean: float, std: float, digits: int = 4) -> str:
+    """``mean +- std``."""
+    return f"{fmt(mean, digits)} +- {fmt(std, digits)}"
+
+
+class Context:
+    """The state of one reproduction run: settings, the store, stage timings, figures and claims."""
+
+    def __init__(self, settings: Settings, log=print):
+        self.s = settings
+        self.log = log
+        self.out = Path(settings.out)
+        self.runs_dir = self.out / "runs"
+        self.figs_dir = self.out / "figs"
+        self.store_path = self.out / "results.h5"
+        self.claims: list[Claim] = []
+        self.figures: list[tuple[str, Path]] = []  # (caption, path)
+        self.notes: list[str] = []
+        self.stages: list[tuple[str, float]] = []  # (name, seconds)
+        self.facts: dict[str, Any] = {}  # extra key figures for summary.json (final test error, ...)
+        self._store = None
+        self._data: dict[tuple, Any] = {}
+        self.rank, self.world = _rank_world()
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    @property
+    def is_writer(self) -> bool:
+        """Rank 0 (or the only process): writes the store, the figures and the summary."""
+        return self.rank == 0
+
+    @property
+    def store(self):
+        """The reproduction's :class:`~lerpfast.store.ResultStore` (opened on rank 0 at first use; None elsewhere)."""
+        if self._store is None and self.is_writer:
+            from lerpfast.store import ResultStore
+
+            self._store = ResultStore(self.store_path)
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    @contextlib.contextmanager
+    def stage(self, name: str, total: int | None = None) -> Iterator[Any]:
+        """Time a stage and show a progress bar over its ``total`` steps (``bar.update()`` per step)."""
+        from tqdm.auto import tqdm
+
+        t0 = time.perf_counter()
+        bar = tqdm(total=total, desc=f"{self.s.paper}: {name}", unit="step", leave=False, file=sys.stderr,
+                   disable=not (self.s.progress and self.is_writer))
+        try:
+            yield bar
+        finally:
+            bar.close()
+            dt = time.perf_counter() - t0
+            self.stages.append((name, dt))
+            self.log(f"  {name}: {dt:.1f}s")
+
+    # ------------------------------------------------------------------------------------------ work
+
+    def train(self, **config) -> Path:
+        """Train (or resume, or skip when finished) a run; returns its directory.
+
+        ``config`` are :class:`lerpfast.train.TrainConfig` fields; ``out_dir`` and ``device`` are the
+        reproduction's. Under torchrun, rank 0 trains and the other ranks wait for it.
+        """
+        from lerpfast.train import TrainConfig, train
+
+        cfg = TrainConfig(**{"out_dir": str(self.runs_dir), "device": self.s.device, "evaluate": "end", **config})
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if self.is_writer:
+                train(cfg, progress=False)
+            dist.barrier()
+            return self.runs_dir / cfg.run_name()
+        return train(cfg, progress=False)
+
+    def data(self, split: str = "test", *, limit: int | None = None, batch_size: int = 1000,
+             dataset: str | None = None):
+        """A (cached) evaluation loader of the reproduction's data set, on its device."""
+        import lerpfast.data as ld
+
+        key = (dataset or self.s.dataset, split, limit, batch_size)
+        if key not in self._data:
+            self._data[key] = ld.load(key[0], split, device=self.s.device, batch_size=batch_size, limit=limit)
+        return self._data[key]
+
+    def sweep(self, name: str, model, ckpts, alphas=None, data=None, **kw):
+        """:func:`lerpfast.sweep` into the reproduction's store under ``name`` (resumes; instant when complete)."""
+        import lerpfast
+
+        kw.setdefault("progress", False)
+        return lerpfast.sweep(model, ckpts, alphas, data if data is not None else self.data(), store=self.store,
+                              name=name, **kw)
+
+    def figure(self, fig, name: str, caption: str) -> Path | None:
+        """Save a matplotlib figure as ``figs/<name>.png`` and list it in the summary."""
+        if not self.is_writer:
+            return None
+        from lerpfast.plot import save
+
+        path = save(fig, self.figs_dir / name, ("png",), dpi=110)[0]
+        self.figures.append((caption, path))
+        return path
+
+    def claim(self, claim: str, source: str, ours: str, agrees: bool | None, note: str = "",
+              **values: float) -> Claim:
+        """Record one checked statement of the paper (see :class:`Claim`)."""
+        c = Claim(claim, source, ours, None if agrees is None else bool(agrees), note,
+                  {k: float(v) for k, v in values.items()})
+        self.claims.append(c)
+        return c
+
+    def note(self, text: str) -> None:
+        """A remark for the summary's notes section (e.g. where the setting differs from the paper's)."""
+        self.notes.append(text)
+
+    # ------------------------------------------------------------------------------------------ summary
+
+    def write_summary(self, title: str, seconds: float) -> Path:
+        """Write ``summary.md`` and ``summary.json``; returns the markdown path."""
+        import torch
+
+        from lerpfast._version import __version__
+
+        s = self.s
+        yes = sum(c.agrees is True for c in self.claims)
+        no = sum(c.agrees is False for c in self.claims)
+        na = sum(c.agrees is None for c in self.claims)
+        lines = [
+            f"# Reproduction: {title}", "",
+            f"`{s.command}`" if s.command else "", "",
+            f"* data: **{s.dataset}**; model: **{s.model}**; {'quick' if s.quick else 'full'} run",
+            f"* ran in {seconds:.0f} s on {s.device} with {s.threads} thread(s), {self.world} process(es); "
+            f"lerpfast {__version__}, torch {torch.__version__}",
+            "* stages: " + ", ".join(f"{n} {t:.0f} s" for n, t in self.stages),
+            f"* claims: {yes} agree, {no} disagree, {na} not checkable here", "",
+            "| # | claim | paper | ours | agrees |", "|---|---|---|---|---|",
+        ]
+        for i, c in enumerate(self.claims, 1):
+            mark = {True: "yes", False: "**no**", None: "n/a"}[c.agrees]
+            text = c.claim + (f" *({c.note})*" if c.note else "")
+            lines.append(f"| {i} | {_cell(text)} | {_cell(c.source)} | {_cell(c.ours)} | {mark} |")
+        if self.figures:
+            lines += ["", "## Figures", ""]
+            for caption, path in self.figures:
+                lines += [f"**{caption}**", "", f"![{caption}]({path.relative_to(self.out).as_posix()})", ""]
+        if self.notes:
+            lines += ["", "## Notes", ""] + [f"* {n}" for n in self.notes]
+        md = self.out / "summary.md"
+        md.write_text("\n".join(lines).replace("\n\n\n", "\n\n") + "\n")
+        record = {
+            "paper": s.paper, "title": title, "command": s.command, "dataset": s.dataset, "model": s.model,
+            "quick": s.quick, "device": s.device, "threads": s.threads, "world_size": self.world,
+            "seconds": seconds, "stages": dict(self.stages), "lerpfast_version": __version__,
+            "torch_version": torch.__version__, "claims": [asdict(c) for c in self.claims],
+            "figures": [{"caption": c, "path": str(p.relative_to(self.out))} for c, p in self.figures],
+            "notes": self.notes, "facts": self.facts,
+        }
+        (self.out / "summary.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        return md
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _rank_world() -> tuple[int, int]:
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch without distributed
+        return 0, 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def default_threads() -> int:
+    """Torch threads for a reproduction: at most 2 (the papers' models are small; more threads rarely help)."""
+    return max(1, min(2, os.cpu_count() or 1))
