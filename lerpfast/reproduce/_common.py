@@ -171,7 +171,9 @@ class Context:
         import lerpfast
 
         kw.setdefault("progress", False)
-        return lerpfast.sweep(model, ckpts, alphas, data if data is not None else self.data(), store=self.store,
+        # every rank passes a store (sweep opens it on rank 0 only and broadcasts what was stored to the others)
+        store = self.store if self.is_writer else self.store_path
+        return lerpfast.sweep(model, ckpts, alphas, data if data is not None else self.data(), store=store,
                               name=name, **kw)
 
     def figure(self, fig, name: str, caption: str) -> Path | None:
