@@ -51,9 +51,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _torchrun(script_args: list[str], cwd: Path, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+def _torchrun(script_args: list[str], cwd: Path, nproc: int = 2, timeout: float = 240,
+             restarts: int = 0) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *script_args]
+           "--max-restarts", str(restarts), "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           *script_args]
     return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -101,7 +103,8 @@ _DIE = textwrap.dedent("""
     real = ev._EngineEvaluator.evaluate
     def evaluate(self, *a, **k):
         calls[0] += 1
-        if os.environ.get("RANK") == "1" and calls[0] == 2:
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if os.environ.get("RANK") == "1" and calls[0] == 2 and first_attempt:
             os._exit(17)
         return real(self, *a, **k)
     ev._EngineEvaluator.evaluate = evaluate
@@ -124,6 +127,19 @@ def test_rank_dying_mid_sweep_keeps_what_was_written_and_rerun_completes(ckpts, 
     r = _torchrun(["-m", "lerpfast.cli", *_sweep_args(ckpts, store)], tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"computed {9 - int(done.sum())} points" in r.stdout  # only the missing ones
+    _assert_same(_read(store), single)
+
+
+def test_torchrun_restart_resumes_the_sweep_by_itself(ckpts, single, tmp_path):
+    """With ``--max-restarts``, torchrun relaunches every rank after the failure; the relaunched sweep finds the
+    store and computes only the missing points, so the launch as a whole succeeds."""
+    script = tmp_path / "die.py"
+    script.write_text(_DIE)
+    store = tmp_path / "dist.h5"
+    r = _torchrun([str(script), *_sweep_args(ckpts, store)], tmp_path, restarts=1)
+    assert r.returncode == 0, r.stdout + r.stderr
+    computed = [int(line.split("computed ")[1].split()[0]) for line in r.stdout.splitlines() if "computed " in line]
+    assert len(computed) == 1 and 0 < computed[0] <= 5, r.stdout  # the second attempt's share, not all 9
     _assert_same(_read(store), single)
 
 
