@@ -138,11 +138,13 @@ class Context:
 
     # ------------------------------------------------------------------------------------------ work
 
-    def train(self, **config) -> Path:
+    def train(self, data=None, **config) -> Path:
         """Train (or resume, or skip when finished) a run; returns its directory.
 
         ``config`` are :class:`lerpfast.train.TrainConfig` fields; ``out_dir`` and ``device`` are the
-        reproduction's. Under torchrun, rank 0 trains and the other ranks wait for it.
+        reproduction's. ``data`` is passed to :func:`lerpfast.train.train` (e.g. ``((x, y), (x_test, y_test))``
+        tensors with regression targets for a deep linear net); the run's hash does not see it, so give such a
+        run a config of its own. Under torchrun, rank 0 trains and the other ranks wait for it.
         """
         from lerpfast.train import TrainConfig, train
 
@@ -151,10 +153,10 @@ class Context:
             import torch.distributed as dist
 
             if self.is_writer:
-                train(cfg, progress=False)
+                train(cfg, progress=False, data=data)
             dist.barrier()
             return self.runs_dir / cfg.run_name()
-        return train(cfg, progress=False)
+        return train(cfg, progress=False, data=data)
 
     def data(self, split: str = "test", *, limit: int | None = None, batch_size: int = 1000,
              dataset: str | None = None):
