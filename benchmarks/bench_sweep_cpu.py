@@ -6,6 +6,21 @@ three agree. Writes JSON (device, versions, settings) to benchmarks/results/swee
 
     python benchmarks/bench_sweep_cpu.py                 # LeNet-300-100 and ResNet-20, K = 32
     python benchmarks/bench_sweep_cpu.py --quick         # tiny sizes (CI smoke)
+    python benchmarks/bench_sweep_cpu.py --profile       # fixed cost per sweep call -> sweep_overhead_cpu.json
+
+--profile measures the fixed cost of one ``lerpfast.sweep`` call (LeNet-300-100, 8 points of a line, 10k
+images of 1x28x28 in batches of 1000, fp32, one thread):
+
+    fixed cost = wall time of the call - time spent inside its batched forward passes and metric updates,
+
+i.e. everything in the call that is not arithmetic (checkpoint loading and validation, fingerprints, the slice,
+the engine, the store, the batch loop's own work, the results). The forward passes and metric updates are timed
+inside the same call (on a CPU the ops run synchronously), so the subtraction is not swamped by the noise of two
+separate 400 ms measurements on a shared machine; the minimum over interleaved repeats is reported. Cross-checks:
+the arithmetic timed alone through an engine built beforehand (sweep - arithmetic, meaningful on a quiet machine),
+a sweep over one sample, the process's first call, a call on a new model and data objects (nothing cached), the
+arithmetic with the K-fold repeat of each input batch (the layout before the no-repeat plan), and the breakdown of
+the call from ``meta["timings"]``.
 """
 
 from __future__ import annotations
@@ -68,6 +83,170 @@ def run(name: str, K: int, n: int, threads: int, repeats: int) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------- --profile
+
+
+def _min_time(fn, repeats: int) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def _arithmetic(model, theta_b, alphas, x, y, batch_size: int, no_repeat: bool = True):
+    """A thunk running only the sweep's arithmetic: the K + 1 points' batched forward and the metric reductions,
+    through an engine built here once, over batches sliced here once."""
+    from lerpfast.checkpoints import load_checkpoints
+    from lerpfast.engine.functional import Points
+    from lerpfast.engine.model import MultiPointModel
+    from lerpfast.geometry import as_slice
+    from lerpfast.metrics import PointMetrics
+
+    spec = as_slice((model, theta_b), alphas)
+    aff = spec.resolve(load_checkpoints(spec.sources, model), model, torch.float32)
+    try:
+        mp = MultiPointModel(model, aff, no_repeat=no_repeat)
+    except TypeError:  # a lerpfast without the no-repeat plan (the baseline run): it always repeats
+        if no_repeat:
+            return None
+        mp = MultiPointModel(model, aff)
+    K = aff.K
+    pts = aff.points()
+    allp = Points(torch.cat([pts.anchor_idx, torch.zeros(1, dtype=torch.long)]),
+                  torch.cat([pts.coefs, torch.zeros(1, aff.J, dtype=pts.coefs.dtype)])).to("cpu")
+    mp.set_points(allp)
+    batches = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)]
+
+    def run():
+        m = PointMetrics(K)
+        with torch.inference_mode():
+            for xb, yb in batches:
+                z = mp(xb, yb.shape[0])  # (K+1, B, C)
+                m.update(z[:K], yb, z[K])
+        return m.compute()
+
+    return run
+
+
+class _ArithmeticClock:
+    """Seconds spent inside the engine's batched forward and the metric updates, summed while installed: the part of
+    a sweep call that is arithmetic (on a CPU, where ops run synchronously). Wraps the class methods, so it measures
+    any lerpfast version alike."""
+
+    def __init__(self):
+        from lerpfast.engine.model import MultiPointModel
+        from lerpfast.metrics import PointMetrics
+
+        self.seconds = self.cpu_seconds = 0.0
+        self.targets = [(MultiPointModel, "forward"), (PointMetrics, "update")]
+        self.saved = [getattr(cls, name) for cls, name in self.targets]
+
+    def __enter__(self):
+        for (cls, name), fn in zip(self.targets, self.saved):
+            def timed(*args, _fn=fn, **kwargs):
+                t0, c0 = time.perf_counter(), time.thread_time()
+                try:
+                    return _fn(*args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - t0
+                    self.cpu_seconds += time.thread_time() - c0
+            setattr(cls, name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        for (cls, name), fn in zip(self.targets, self.saved):
+            setattr(cls, name, fn)
+
+
+def profile_overhead(repeats: int, threads: int, K: int = 8, n: int = 10_000, batch_size: int = 1000) -> dict:
+    import copy
+
+    name = "lenet_300_100"
+    in_shape, classes, _ = SETTINGS[name]
+    a, b = _checkpoints(name, in_shape, classes)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((n, *in_shape), generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    alphas = np.linspace(-0.5, 1.5, K)
+
+    def sweep(model=a, data=(x, y)):
+        return lerpfast.sweep(model, (model, b), alphas, data, batch_size=batch_size, progress=False)
+
+    cpu_fixed = []
+
+    def fixed_of(fn) -> tuple[float, float, object]:
+        """(wall time of one call, its wall time minus the arithmetic inside it, the result); appends the same
+        difference in this thread's CPU time to cpu_fixed (immune to the waits for a core on a loaded machine)"""
+        with _ArithmeticClock() as clock:
+            c0 = time.thread_time()
+            t, r = _min_time(fn, 1)
+            cpu_fixed.append(time.thread_time() - c0 - clock.cpu_seconds)
+        return t, t - clock.seconds, r
+
+    t_first, fixed_first, _ = fixed_of(sweep)  # the process's first call: fx traces, data hash, engine build
+    cpu_fixed.clear()
+    arith = _arithmetic(a, b, alphas, x, y, batch_size)
+    arith_repeat = _arithmetic(a, b, alphas, x, y, batch_size, no_repeat=False)
+    tiny = (x[:1].clone(), y[:1].clone())
+    keys = ("sweep", "fixed", "arithmetic", "arithmetic_repeat", "sweep_1_sample", "sweep_uncached", "fixed_uncached")
+    best = dict.fromkeys(keys, float("inf"))
+    phases: dict[str, float] = {}
+    for _ in range(repeats):  # interleaved: a load change on the machine hits every measurement alike
+        t, fixed, r = fixed_of(sweep)
+        best["sweep"], best["fixed"] = min(best["sweep"], t), min(best["fixed"], fixed)
+        best["fixed_cpu"] = min(best.get("fixed_cpu", float("inf")), cpu_fixed.pop())
+        for key, val in (r.meta.get("timings") or {}).items():
+            phases[key] = min(phases.get(key, float("inf")), val)
+        if arith is not None:
+            best["arithmetic"] = min(best["arithmetic"], _min_time(arith, 1)[0])
+        best["arithmetic_repeat"] = min(best["arithmetic_repeat"], _min_time(arith_repeat, 1)[0])
+        best["sweep_1_sample"] = min(best["sweep_1_sample"], _min_time(lambda: sweep(data=tiny), 1)[0])
+        fresh_model, fresh_data = copy.deepcopy(a), (x.clone(), y.clone())  # new objects: no cache applies
+        t, fixed, _ = fixed_of(lambda: sweep(fresh_model, fresh_data))  # noqa: B023 - called at once
+        best["sweep_uncached"], best["fixed_uncached"] = min(best["sweep_uncached"], t), \
+            min(best["fixed_uncached"], fixed)
+        best["fixed_uncached_cpu"] = min(best.get("fixed_uncached_cpu", float("inf")), cpu_fixed.pop())
+    if arith is None:  # the baseline: its arithmetic is the repeat layout
+        best["arithmetic"] = best["arithmetic_repeat"]
+    ms = {k: v * 1e3 for k, v in best.items()}
+    return {
+        "model": name, "K": K, "num_samples": n, "batch_size": batch_size, "precision": "fp32", "threads": threads,
+        "repeats": repeats,
+        "fixed_cost_ms": ms["fixed"], "fixed_cost_cpu_time_ms": ms["fixed_cpu"],
+        "sweep_ms": ms["sweep"], "arithmetic_ms": ms["arithmetic"],
+        "sweep_minus_arithmetic_ms": ms["sweep"] - ms["arithmetic"],
+        "sweep_1_sample_ms": ms["sweep_1_sample"],
+        "first_call_ms": t_first * 1e3, "first_call_fixed_ms": fixed_first * 1e3,
+        "uncached_call_ms": ms["sweep_uncached"], "uncached_fixed_ms": ms["fixed_uncached"],
+        "uncached_fixed_cpu_time_ms": ms["fixed_uncached_cpu"],
+        "arithmetic_with_repeat_ms": ms["arithmetic_repeat"],
+        "repeat_saving_ms": ms["arithmetic_repeat"] - ms["arithmetic"],
+        "breakdown_ms": {k: v * 1e3 for k, v in phases.items()},
+    }
+
+
+def _print_profile(r: dict) -> None:
+    print(f"LeNet-300-100, K={r['K']} (+ reference), {r['num_samples']} images in batches of {r['batch_size']}, "
+          f"{r['threads']} thread(s), min of {r['repeats']}:")
+    print(f"  fixed cost per call            {r['fixed_cost_ms']:9.2f} ms   (the call minus its forward + metrics)")
+    print(f"  the same in CPU time           {r['fixed_cost_cpu_time_ms']:9.2f} ms   (not counting waits for a core)")
+    print(f"  sweep call                     {r['sweep_ms']:9.2f} ms")
+    print(f"  its arithmetic alone           {r['arithmetic_ms']:9.2f} ms   (difference "
+          f"{r['sweep_minus_arithmetic_ms']:.2f}: meaningful on a quiet machine only)")
+    print(f"  sweep over 1 sample            {r['sweep_1_sample_ms']:9.2f} ms")
+    print(f"  first call in the process      {r['first_call_ms']:9.2f} ms   fixed {r['first_call_fixed_ms']:.2f}")
+    print(f"  uncached call (new objects)    {r['uncached_call_ms']:9.2f} ms   fixed {r['uncached_fixed_ms']:.2f} "
+          f"(CPU time {r['uncached_fixed_cpu_time_ms']:.2f})")
+    print(f"  arithmetic with the K-repeat   {r['arithmetic_with_repeat_ms']:9.2f} ms   "
+          f"(no-repeat saves {r['repeat_saving_ms']:.2f})")
+    if r["breakdown_ms"]:
+        print("  breakdown of the call, meta['timings'] (min per phase over the repeats, ms):")
+        for k, v in r["breakdown_ms"].items():
+            print(f"    {k:26s} {v:9.3f}")
+
+
 def _git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
@@ -83,8 +262,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the script")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sweep_cpu.json"))
+    ap.add_argument("--profile", action="store_true",
+                    help="fixed cost per sweep call with its breakdown (LeNet-300-100, K=8, 10k images)")
+    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/sweep_cpu.json, "
+                                                "sweep_overhead_cpu.json with --profile)")
     args = ap.parse_args(argv)
+    results = Path(__file__).parent / "results"
+    args.out = args.out or str(results / ("sweep_overhead_cpu.json" if args.profile else "sweep_cpu.json"))
     torch.set_num_threads(args.threads)
     report = {
         "benchmark": "sweep_cpu", "device": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
@@ -94,6 +278,23 @@ def main(argv=None) -> dict:
         "runs": [], "loadavg_before": list(os.getloadavg()), "git_commit": _git_commit(),
         "command": "python benchmarks/bench_sweep_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
+    if args.profile:
+        report["benchmark"] = "sweep_overhead_cpu"
+        report["definition"] = ("fixed cost = wall time of one lerpfast.sweep(lenet, (a, b), alphas(K), (X, y)) call "
+                                "minus the time spent inside that call's batched forward passes (the K points and "
+                                "the reference) and metric updates, i.e. everything that is not arithmetic; min "
+                                "over interleaved repeats. Cross-check: sweep_ms - arithmetic_ms, the arithmetic "
+                                "timed alone through a pre-built engine")
+        r = profile_overhead(1 if args.quick else args.repeats, args.threads, n=200 if args.quick else 10_000,
+                             batch_size=100 if args.quick else 1000)
+        report["runs"].append(r)
+        report["loadavg_after"] = list(os.getloadavg())
+        _print_profile(r)
+        if not args.quick:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1))
+            print(f"wrote {args.out}")
+        return report
     for name in args.models:
         n = 8 if args.quick else SETTINGS[name][2]
         K = 3 if args.quick else args.K

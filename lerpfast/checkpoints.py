@@ -16,15 +16,19 @@ import json
 import os
 import pickle
 import re
+import time
+import weakref
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "describe", "load_checkpoints", "load_state", "match_to_model"]
+__all__ = ["CheckpointError", "describe", "load_checkpoints", "load_state", "match_to_model", "TensorDigestCache",
+           "clear_digest_cache"]
 
 # Keys under which training code commonly nests the model's state dict, tried in this order:
 # Lightning and most scripts use 'state_dict'; the PyTorch tutorials 'model_state_dict';
@@ -146,7 +150,9 @@ def _unwrap(obj: Any, name: str) -> dict[str, torch.Tensor]:
     trail = ""
     for _ in range(_MAX_UNWRAP_DEPTH):
         if isinstance(obj, nn.Module):
-            return dict(obj.state_dict())
+            # the parameter and buffer objects themselves (not detached copies): their identity is what the
+            # digest cache of describe() recognizes them by; every caller detaches or copies them
+            return dict(obj.state_dict(keep_vars=True))
         if not isinstance(obj, Mapping):
             raise CheckpointError(f"checkpoint {name}{trail}: holds a {type(obj).__name__}, expected a state "
                                   f"dict (a mapping of names to tensors), a wrapper around one, or an nn.Module")
@@ -181,6 +187,119 @@ def _hash_state(state: Mapping[str, torch.Tensor]) -> str:
         h.update(header.encode())
         h.update(data)
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------
+# digest caches: a sweep fingerprints its checkpoints and data on every call; hashing them again is the largest
+# fixed cost of a small sweep (LeNet-300-100: 1.2 ms for two in-memory checkpoints, 30-40 ms for 10k images)
+
+
+def _tensor_id(t: torch.Tensor) -> tuple:
+    return (id(t), t.data_ptr(), t._version, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, str(t.device))
+
+
+def _probe(t: torch.Tensor, size: int) -> torch.Tensor:
+    """The raw bytes of up to ``size`` evenly spaced elements of ``t`` (a copy), as uint8."""
+    flat = t.detach().reshape(-1)
+    if flat.numel() > size:
+        flat = flat[torch.linspace(0, flat.numel() - 1, size, device=flat.device).long()]
+    else:
+        flat = flat.clone()
+    return flat.to(torch.uint8) if flat.dtype == torch.bool else flat.reshape(-1, 1).view(torch.uint8).reshape(-1)
+
+
+class TensorDigestCache:
+    """Digests of tensors, reused while every tensor is unchanged.
+
+    A tensor counts as unchanged while it is the same live object (weak reference) with the same storage, layout and
+    version counter (torch bumps it on every in-place op, ``optimizer.step()`` and ``load_state_dict`` included),
+    and a probe of up to ``probe`` evenly spaced elements still reads the same bytes: that also catches most writes
+    torch does not count (through ``.data`` or a numpy view), though not a write that misses every probed element.
+    Inference tensors have no version counter and are hashed every time. ``stats`` counts hashes and reuses.
+    """
+
+    def __init__(self, probe: int, maxsize: int = 32):
+        self.probe, self.maxsize = probe, maxsize
+        self.entries: OrderedDict = OrderedDict()  # key -> (weak refs, probes, digest)
+        self.stats = {"hashes": 0, "reuses": 0}
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def digest(self, tensors: Sequence[torch.Tensor], compute: Callable[[], str], extra: Any = ()) -> str:
+        """``compute()`` (the digest of ``tensors`` and ``extra``), or its value from an earlier call."""
+        if any(t.is_inference() for t in tensors):
+            self.stats["hashes"] += 1
+            return compute()
+        key = (extra, tuple(_tensor_id(t) for t in tensors))
+        hit = self.entries.get(key)
+        if hit is not None:
+            refs, probes, digest = hit
+            if all(r() is t for r, t in zip(refs, tensors)) and torch.equal(probes, self._probes(tensors)):
+                self.entries.move_to_end(key)
+                self.stats["reuses"] += 1
+                return digest
+            del self.entries[key]
+        self.stats["hashes"] += 1
+        digest = compute()
+        entries = self.entries
+
+        def forget(_, key=key):
+            entries.pop(key, None)
+
+        entries[key] = ([weakref.ref(t, forget) for t in tensors], self._probes(tensors), digest)
+        while len(entries) > self.maxsize:
+            entries.popitem(last=False)
+        return digest
+
+    def _probes(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        parts = [_probe(t, self.probe) for t in tensors]
+        devices = {p.device for p in parts}
+        if len(devices) > 1:
+            parts = [p.cpu() for p in parts]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)  # one comparison, one sync
+
+
+_STATE_DIGESTS = TensorDigestCache(probe=256)
+_FILE_DIGESTS: OrderedDict = OrderedDict()  # (path, stat fields) -> sha256 of the file
+_FILE_STATS = {"hashes": 0, "reuses": 0}
+_RACY_NS = 2_000_000_000  # a file written this recently may change again within its timestamp: not cached
+
+
+def clear_digest_cache() -> None:
+    """Forget the cached checkpoint digests of :func:`describe`."""
+    _STATE_DIGESTS.clear()
+    _FILE_DIGESTS.clear()
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of the file's bytes, reused while its stat fields (device, inode, size, mtime and ctime in ns) are
+    unchanged, as git's index does; a file modified within the last 2 s is hashed every time (git's racy check)."""
+    st = path.stat()
+    key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    digest = _FILE_DIGESTS.get(key)
+    if digest is not None:
+        _FILE_DIGESTS.move_to_end(key)
+        _FILE_STATS["reuses"] += 1
+        return digest
+    _FILE_STATS["hashes"] += 1
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
+        _FILE_DIGESTS[key] = digest
+        while len(_FILE_DIGESTS) > 256:
+            _FILE_DIGESTS.popitem(last=False)
+    return digest
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``. A finite sum proves it (a NaN or an Inf term makes every partial sum that includes it
+    NaN or Inf), and one sum reads the tensor 20x faster than ``isfinite(t).all()`` on a CPU; only a non-finite
+    sum (a bad value, or an overflow) takes the elementwise check."""
+    return t.numel() == 0 or bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _non_persistent_buffers(model: nn.Module) -> set[str]:
@@ -218,7 +337,7 @@ def _align_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[
 # public API
 
 
-def load_state(source: Any, *, label: str | None = None) -> dict[str, torch.Tensor]:
+def load_state(source: Any, *, label: str | None = None, copy: bool = True) -> dict[str, torch.Tensor]:
     """Load a checkpoint into a new flat dict of detached CPU tensors.
 
     Parameters
@@ -231,13 +350,17 @@ def load_state(source: Any, *, label: str | None = None) -> dict[str, torch.Tens
         ``torch.load(path, map_location="cpu", weights_only=True)``, which never executes code from the file.
     label : str, optional
         Name used in error messages. Default: the path, or ``"model <Class>"`` / ``"state_dict"``.
+    copy : bool
+        Clone tensors taken from a module or an in-memory mapping (default). False lets CPU tensors alias the
+        source, for a caller that only reads them and copies what it keeps (``sweep``: the slice is built from
+        them by ``torch.stack``), saving one pass over the weights per call.
 
     Returns
     -------
     dict[str, torch.Tensor]
         Detached CPU tensors in the checkpoint's own key order, prefixes untouched (see
-        :func:`match_to_model`). Tensors taken from a module or an in-memory mapping are cloned, so the
-        result never aliases a module's live parameters.
+        :func:`match_to_model`). Tensors taken from a module or an in-memory mapping are cloned (unless
+        ``copy=False``), so the result never aliases a module's live parameters.
 
     Raises
     ------
@@ -264,7 +387,7 @@ def load_state(source: Any, *, label: str | None = None) -> dict[str, torch.Tens
     if on_meta:
         raise CheckpointError(f"checkpoint {name}: {_plural(len(on_meta), 'tensor')} on the meta device hold no "
                               f"data: {_fmt_keys(on_meta)}")
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+    return {k: v.detach().to("cpu", copy=copy) for k, v in state.items()}
 
 
 def match_to_model(state: Mapping[str, torch.Tensor], model: nn.Module, *, label: str) -> dict[str, torch.Tensor]:
@@ -344,7 +467,7 @@ def match_to_model(state: Mapping[str, torch.Tensor], model: nn.Module, *, label
     out = {k: state[k] for k in reference}
     nonfinite = []
     for k, t in out.items():
-        if t.is_floating_point() or t.is_complex():
+        if (t.is_floating_point() or t.is_complex()) and not _all_finite(t):
             finite = torch.isfinite(t)
             if not bool(finite.all()):
                 n_nan = int(torch.isnan(t).sum())
@@ -360,7 +483,7 @@ def match_to_model(state: Mapping[str, torch.Tensor], model: nn.Module, *, label
 
 
 def load_checkpoints(
-    sources: Sequence[Any], model: nn.Module, labels: Sequence[str] | None = None
+    sources: Sequence[Any], model: nn.Module, labels: Sequence[str] | None = None, *, copy: bool = True
 ) -> list[dict[str, torch.Tensor]]:
     """Load every checkpoint and check it against ``model``.
 
@@ -373,6 +496,8 @@ def load_checkpoints(
     labels : Sequence[str], optional
         Names for error messages, one per source. Default: the path for a path, ``"model[i]"`` for a
         module, ``"checkpoint[i]"`` for a mapping.
+    copy : bool
+        As for :func:`load_state`.
 
     Returns
     -------
@@ -391,7 +516,7 @@ def load_checkpoints(
                   for i, s in enumerate(sources)]
     elif isinstance(labels, str) or len(labels) != len(sources):
         raise ValueError(f"labels must be a sequence with one label per source ({len(sources)}), got {labels!r}")
-    return [match_to_model(load_state(s, label=lab), model, label=lab) for s, lab in zip(sources, labels)]
+    return [match_to_model(load_state(s, label=lab, copy=copy), model, label=lab) for s, lab in zip(sources, labels)]
 
 
 def describe(source: Any) -> dict[str, Any]:
@@ -411,6 +536,9 @@ def describe(source: Any) -> dict[str, Any]:
         by its raw contiguous bytes. It depends on names and values only, so it is the same across runs,
         processes and memory layouts.
 
+    Digests are cached: a file's while its stat fields are unchanged, a module's or state dict's while each tensor
+    is unchanged (:class:`TensorDigestCache`). :func:`clear_digest_cache` forgets them.
+
     Raises
     ------
     CheckpointError
@@ -421,12 +549,11 @@ def describe(source: Any) -> dict[str, Any]:
         if not path.is_file():
             what = "is a directory" if path.is_dir() else "file not found"
             raise CheckpointError(f"checkpoint {os.fspath(source)!r}: {what}")
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                h.update(chunk)
-        return {"path": str(path), "sha256": h.hexdigest(), "bytes": path.stat().st_size}
+        return {"path": str(path), "sha256": _file_digest(path), "bytes": path.stat().st_size}
     if not isinstance(source, (nn.Module, Mapping)):
         raise TypeError(f"expected an nn.Module, a state dict (Mapping) or a path, got {type(source).__name__}")
     kind = "module" if isinstance(source, nn.Module) else "state_dict"
-    return {"type": kind, "sha256": _hash_state(_unwrap(source, repr(_default_label(source))))}
+    state = _unwrap(source, repr(_default_label(source)))
+    keys = sorted(state)
+    digest = _STATE_DIGESTS.digest([state[k] for k in keys], lambda: _hash_state(state), extra=tuple(keys))
+    return {"type": kind, "sha256": digest}

@@ -23,15 +23,15 @@ from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from lerpfast._version import __version__
-from lerpfast.checkpoints import describe, load_checkpoints
+from lerpfast.checkpoints import TensorDigestCache, describe, load_checkpoints
 from lerpfast.engine.functional import ParamSlice, Points, combine
 from lerpfast.engine.fusion import resolve_fuse
-from lerpfast.engine.model import GraphedForward, MultiPointModel, logits_of, precision_context
+from lerpfast.engine.model import GraphedForward, engine_for, logits_of, precision_context, release_engine
 from lerpfast.geometry import AffineSlice, Slice, as_slice
 from lerpfast.metrics import PointMetrics
 from lerpfast.result import SweepResult
 
-__all__ = ["sweep", "BN_POLICIES", "METHODS"]
+__all__ = ["sweep", "clear_caches", "BN_POLICIES", "METHODS"]
 
 BN_POLICIES = ("interpolate", "endpoint", "recompute")
 METHODS = ("engine", "loop", "vmap")
@@ -75,14 +75,40 @@ def as_batches(data, batch_size: int) -> Iterable:
     return data
 
 
+# Data fingerprints: sha256 over every byte of an (X, y) pair is 30-40 ms for 10k MNIST images on a CPU core, more
+# than a whole LeNet sweep's arithmetic on a GPU. The digest is reused while the tensors are unchanged (the same
+# objects, storage and version counter, and a probe of 1024 elements each: lerpfast.checkpoints.TensorDigestCache).
+_DATA_DIGESTS = TensorDigestCache(probe=1024, maxsize=16)
+
+
+def clear_caches() -> None:
+    """Forget the cached fingerprints of data and checkpoints and the cached engines. Each is checked against what it
+    was made from on every use; this frees them, or forces a rebuild after a change lerpfast cannot see (a tensor
+    written through numpy or ``.data`` at none of the probed elements, a model's global helper function redefined)."""
+    from lerpfast.checkpoints import clear_digest_cache
+    from lerpfast.engine.model import clear_engine_cache
+
+    _DATA_DIGESTS.clear()
+    clear_digest_cache()
+    clear_engine_cache()
+
+
+def _sha256_tensors(leaves: list[torch.Tensor]) -> str:
+    """sha256 over the raw bytes of the tensors' contiguous CPU copies, in order (no extra copy in between)."""
+    h = hashlib.sha256()
+    for t in leaves:
+        c = t.detach().cpu().contiguous()
+        if c.numel():
+            h.update(c.numpy() if c.dtype == torch.bool else c.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def _describe_data(data) -> dict:
     if isinstance(data, _TensorBatches):
-        h = hashlib.sha256()
-        for t in (*tree_leaves(data.x), data.y):
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        leaves = [*tree_leaves(data.x), data.y]
         return {"type": "tensors", "num_samples": int(data.y.shape[0]),
                 "shape": [list(t.shape[1:]) for t in tree_leaves(data.x)],
-                "sha256": h.hexdigest()}
+                "sha256": _DATA_DIGESTS.digest(leaves, lambda: _sha256_tensors(leaves))}
     out = {"type": type(data).__name__}
     for attr in ("name", "split", "num_samples"):
         if hasattr(data, attr):
@@ -148,7 +174,7 @@ def _apply_bn_policy(aff: AffineSlice, states: list[dict], model: nn.Module, pol
         if key in aff.params:
             ps = aff.params[key]
             fixed = states[source][key].to(ps.anchors.dtype)
-            aff.params[key] = ParamSlice(fixed.unsqueeze(0).expand_as(ps.anchors).contiguous(), None)
+            aff.params[key] = ParamSlice(fixed.unsqueeze(0).expand_as(ps.anchors).clone(), None)  # a copy: M >= 1
 
 
 def _warn_negative_variance(aff: AffineSlice, model: nn.Module) -> None:
@@ -196,6 +222,11 @@ class _Evaluator:
         self.channels_last, self.tick = channels_last, progress_cb
         self.dtype = torch.float64 if precision == "fp64" else torch.float32
         self.num_samples = 0
+        # seconds spent per part of the batch loop (host time: on a GPU the kernels run asynchronously)
+        self.timings = {"data": 0.0, "forward": 0.0, "metrics": 0.0}
+
+    def close(self, failed: bool = False) -> None:
+        """The sweep is over: release what outlives it."""
 
     def batches(self, data):
         for x, y in data:
@@ -207,12 +238,14 @@ class _EngineEvaluator(_Evaluator):
         super().__init__(model, aff, **kw)
         # BN under "recompute" normalizes with batch statistics, not a per-point affine map: never fused
         eff = False if self.policy == "recompute" else fuse
-        self.mp = MultiPointModel(model, aff.to(self.device), fallback=fallback, fuse=eff).to(self.device)
+        # the converted engine is cached per model structure (engine.model.engine_for); torch.compile wraps it in
+        # place, so a compiled sweep builds its own
+        self.mp, self.token = engine_for(model, aff.to(self.device), fallback=fallback, fuse=eff, device=self.device,
+                                         channels_last=self.channels_last, cache=compile is False)
         self.mp.fusion["mode"] = fuse
+        self.mp.fusion.pop("reason", None)
         if eff is not fuse:
             self.mp.fusion["reason"] = "bn='recompute' uses batch statistics"
-        if self.channels_last:
-            self.mp.to(memory_format=torch.channels_last)
         self.graphed = None
         if compile == "cudagraphs":
             self.graphed = GraphedForward(self.mp)
@@ -229,6 +262,7 @@ class _EngineEvaluator(_Evaluator):
             self.graphed.reset()  # new points (and, below, new BN statistics): capture again
             forward = self.graphed
         metrics = PointMetrics(K, loss_fn=self.loss_fn, reference=ref is not None)
+        tm, clock = self.timings, time.perf_counter
         with torch.inference_mode(), precision_context(self.precision, self.device):
             if self.policy == "recompute":
                 self.mp.ctx.calibrate = True
@@ -238,13 +272,24 @@ class _EngineEvaluator(_Evaluator):
                 finally:
                     self.mp.ctx.calibrate = False
             n = 0
+            t0 = clock()
             for x, y in self.batches(data):
+                t1 = clock()
                 logits = forward(x, y.shape[0])  # (K+1, B, C)
-                metrics.update(logits[:K], y, None if ref is None else logits[K])
+                t2 = clock()
+                metrics.update(logits[:K], y, None if ref is None else logits[K])  # on the device: no host sync
+                t3 = clock()
                 n += y.shape[0]
                 self.tick(1)
+                tm["data"] += t1 - t0
+                tm["forward"] += t2 - t1
+                tm["metrics"] += t3 - t2
+                t0 = clock()
         self.num_samples = n
-        return metrics.compute()
+        return metrics.compute()  # the one host sync of the chunk
+
+    def close(self, failed: bool = False) -> None:
+        release_engine(self.token, failed)
 
 
 def _recalibrate(model: nn.Module, data, batches) -> None:
@@ -442,9 +487,15 @@ def sweep(
         raise ValueError(f"compile={compile!r} applies to method='engine' only")
     if compile == "cudagraphs" and device.type != "cuda":
         raise ValueError(f"compile='cudagraphs' needs a CUDA device; the sweep runs on {device}")
+    clock = time.perf_counter
+    t_start = clock()
+    timings: dict[str, float] = {}  # seconds per phase of the call: meta["timings"]
     spec: Slice = as_slice(ckpts, alphas)
     combine_dtype = torch.float64 if precision == "fp64" else torch.float32
-    states = load_checkpoints(spec.sources, model, labels)
+    # copy=False: the slice copies what it keeps (torch.stack in geometry._build), the states are only read
+    states = load_checkpoints(spec.sources, model, labels, copy=False)
+    timings["checkpoints"] = clock() - t_start
+    t = clock()
     aff = spec.resolve(states, model, combine_dtype)
     _apply_bn_policy(aff, states, model, policy, bn_source)
     if policy == "interpolate":
@@ -462,13 +513,19 @@ def sweep(
         bn_calib = None
     ref = _reference_points(aff, reference)
     K = aff.K
+    timings["slice"] = clock() - t
 
+    t = clock()
     checkpoints = [describe(s) for s in spec.sources]
+    timings["describe_checkpoints"] = clock() - t
+    t = clock()
+    data_desc = _describe_data(batches)
+    timings["describe_data"] = clock() - t
     meta = {
         "slice": spec.describe(), "K": K, "J": aff.J, "bn": bn, "precision": precision, "method": method,
         "checkpoints": checkpoints, "model": type(model).__name__,
         "model_params": int(sum(p.numel() for p in model.parameters())),
-        "data": _describe_data(batches), "batch_size": batch_size,
+        "data": data_desc, "batch_size": batch_size,
         "loss_fn": getattr(loss_fn, "__name__", type(loss_fn).__name__) if loss_fn else "cross_entropy",
         "reference": reference if reference is None or isinstance(reference, (int, str)) else str(reference),
         "lerpfast_version": __version__, "torch_version": torch.__version__, "device": str(device),
@@ -481,6 +538,7 @@ def sweep(
     metrics: dict[str, np.ndarray] = {}
     todo = np.arange(K)
     handle = None
+    t = clock()
     rank, world = _dist_info(distributed)
     if store is not None and rank == 0:
         from lerpfast import store as store_mod
@@ -492,6 +550,7 @@ def sweep(
         todo = np.asarray(handle.missing(), dtype=np.int64)
     if world > 1:
         todo = _broadcast(todo)
+    timings["store"] = clock() - t
 
     P = max(1, min(int(points_per_pass or K), K))
     n_batches = _len_or_none(batches)
@@ -499,7 +558,8 @@ def sweep(
     bar = _progress_bar(progress, total, f"sweep {spec.kind} K={K}")
     kw = dict(device=device, precision=precision, policy=policy, bn_data=bn_calib, loss_fn=loss_fn,
               channels_last=channels_last, progress_cb=(bar.update if bar is not None else (lambda n: None)))
-    t0 = time.perf_counter()
+    t0 = clock()
+    ev, failed = None, True
     try:
         if method == "engine":
             ev = _EngineEvaluator(model, aff, fallback=fallback, fuse=fuse, compile=compile, **kw)
@@ -507,34 +567,47 @@ def sweep(
             ev = _LoopEvaluator(model, aff, **kw)
         else:
             ev = _VmapEvaluator(model, aff, **kw)
-        t_setup = time.perf_counter() - t0
+        t_setup = clock() - t0
+        timings["engine"] = t_setup
+        t = clock()
         P = _run_chunks(ev, aff, ref, batches, todo, P, rank, world, metrics, handle, device)
-        elapsed = time.perf_counter() - t0
+        timings["evaluate"] = clock() - t
+        elapsed = clock() - t0
+        t = clock()
         if world > 1 and store is not None:
             metrics = _broadcast(metrics if rank == 0 else None)  # rank 0 read the store: every rank returns it
         if handle is not None:
             stored = rs.read(name or "sweep")
             metrics = {k: np.asarray(v, dtype=np.float64) for k, v in stored.metrics.items()
                        if not np.all(np.isnan(v))}  # e.g. top5_error of a model with < 5 classes
+        n = ev.num_samples
+        meta.update({
+            "num_samples": int(n), "points_per_pass": P, "points_computed": int(len(todo)), "world_size": world,
+            "seconds": elapsed, "setup_seconds": t_setup,
+            "image_points_per_second": (len(todo) * n / (elapsed - t_setup)) if elapsed > t_setup and n else None,
+        })
+        if method == "engine":
+            meta["paths"] = ev.mp.report()
+            meta["held_bytes"] = ev.mp.held_bytes()
+            meta["max_materialized_bytes"] = ev.mp.ctx.max_materialized
+            meta["fusion"] = ev.mp.fusion_report()
+            meta["compile"] = compile
+            meta["engine_cache"] = ev.mp.cache_state
+            meta["unrepeated_inputs"] = sorted(str(i) for i in ev.mp.unrepeated_inputs if isinstance(i, str))
+            if ev.graphed is not None:
+                meta["cudagraphs"] = "failed: ran eagerly" if ev.graphed.failed else "replayed"
+        failed = False
     finally:
+        if ev is not None:
+            ev.close(failed)
         if bar is not None:
             bar.close()
         if handle is not None and not isinstance(store, store_mod.ResultStore):
             rs.close()  # releases the writer lock even when the sweep fails
-    n = ev.num_samples
-    meta.update({
-        "num_samples": int(n), "points_per_pass": P, "points_computed": int(len(todo)), "world_size": world,
-        "seconds": elapsed, "setup_seconds": t_setup,
-        "image_points_per_second": (len(todo) * n / (elapsed - t_setup)) if elapsed > t_setup and n else None,
-    })
-    if method == "engine":
-        meta["paths"] = ev.mp.report()
-        meta["held_bytes"] = ev.mp.held_bytes()
-        meta["max_materialized_bytes"] = ev.mp.ctx.max_materialized
-        meta["fusion"] = ev.mp.fusion_report()
-        meta["compile"] = compile
-        if ev.graphed is not None:
-            meta["cudagraphs"] = "failed: ran eagerly" if ev.graphed.failed else "replayed"
+    timings["finish"] = clock() - t
+    timings.update({f"evaluate.{k}": v for k, v in ev.timings.items()})
+    timings["total"] = clock() - t_start
+    meta["timings"] = timings
     return SweepResult(aff.kind, aff.coords, aff.coord_names, metrics, meta, aff.grid_shape)
 
 

@@ -109,8 +109,7 @@ class AffineSlice:
         return sum(p.nbytes() for p in self.params.values())
 
     def to(self, device) -> AffineSlice:
-        params = {k: ParamSlice(p.anchors.to(device), None if p.dirs is None else p.dirs.to(device))
-                  for k, p in self.params.items()}
+        params = {k: p.to(device) for k, p in self.params.items()}
         return AffineSlice(self.kind, params, {k: v.to(device) for k, v in self.carried.items()},
                            self.anchor_idx, self.coefs, self.coords, self.coord_names, self.grid_shape, self.info)
 
@@ -127,11 +126,13 @@ def _build(kind: str, anchors: list[dict], dirs: list[dict], anchor_idx, coefs, 
            grid_shape=None, info=None) -> AffineSlice:
     keys = _float_keys(anchors[0])
     params = {}
+    M = len(anchors)
     for key in keys:
-        a = torch.stack([s[key] for s in anchors]).to(dtype)
-        d = torch.stack([s[key] for s in dirs]).to(dtype) if dirs else None
-        params[key] = ParamSlice(a, d)
-    carried = {k: v for k, v in anchors[0].items() if not v.is_floating_point()}
+        # anchors and directions back to back in one tensor: a shared-input layer multiplies the data with all of
+        # them at once without copying them into a bank first (engine.functional._bank)
+        ad = torch.stack([s[key].to(dtype) for s in anchors] + [s[key].to(dtype) for s in dirs])
+        params[key] = ParamSlice(ad[:M], ad[M:] if dirs else None)
+    carried = {k: v.clone() for k, v in anchors[0].items() if not v.is_floating_point()}  # never aliases a source
     return AffineSlice(kind, params, carried, torch.as_tensor(anchor_idx, dtype=torch.long),
                        torch.as_tensor(coefs).to(dtype).reshape(len(coords), -1), np.asarray(coords, np.float64),
                        tuple(names), grid_shape, dict(info or {}))

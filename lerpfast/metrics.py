@@ -35,12 +35,19 @@ class PointMetrics:
 
     def __init__(self, K: int, *, loss_fn: Callable | None = None, reference: bool = True):
         self.K, self.reference = K, reference
+        self.custom_loss = loss_fn is not None
         self.loss_fn = loss_fn or default_loss
         self.sums: dict[str, torch.Tensor] | None = None
         self.count = 0
         self.num_classes: int | None = None
 
     def update(self, logits: torch.Tensor, target: torch.Tensor, ref_logits: torch.Tensor | None = None) -> None:
+        """Add one batch. Everything stays on the logits' device (no host synchronization).
+
+        Written out rather than with ``F.cross_entropy`` / ``softmax`` / ``topk``: on a CPU those take ~1 ms each
+        for (8, 1000, 10) float64 logits (rows of 10 do not vectorize), the five metrics together 4.5 ms per batch,
+        against 1 ms here; the values are the same to float64 rounding.
+        """
         K, C = logits.shape[0], logits.shape[-1]
         z = logits.reshape(K, -1, C).double()  # (K, N, C), reductions in float64
         t = target.reshape(-1).to(z.device)
@@ -51,16 +58,38 @@ class PointMetrics:
             self.num_classes = C
             self.sums = {k: torch.zeros(K, dtype=torch.float64, device=z.device) for k in METRIC_NAMES}
         s = self.sums
-        loss = self.loss_fn(z.reshape(K * n, C), t.repeat(K))
-        s["loss"] += loss.reshape(K, -1).double().sum(1)
-        pred = z.argmax(-1)  # (K, N)
+        by_class = not (t.is_floating_point() or t.is_complex())  # class indices (a custom loss may regress)
+        if by_class:
+            tk = t.reshape(1, n, 1).expand(K, n, 1)
+            zt = z.gather(-1, tk)  # (K, N, 1): the target's logit
+        if self.custom_loss:
+            loss = self.loss_fn(z.reshape(K * n, C), t.repeat(K))
+            s["loss"] += loss.reshape(K, -1).double().sum(1)
+        if not self.custom_loss or ref_logits is not None:
+            zmax = z.amax(-1, keepdim=True)
+            e = torch.exp(z - zmax)
+            se = e.sum(-1, keepdim=True)
+            if not self.custom_loss:  # cross-entropy: logsumexp - z_target
+                if not by_class:
+                    raise ValueError(f"the default loss (cross-entropy) needs class indices as targets, got "
+                                     f"{t.dtype}; pass loss_fn= for other targets")
+                s["loss"] += (zmax + torch.log(se) - zt).sum((1, 2))
+        pred = z.argmax(-1)  # (K, N): the first maximum, NaN counting as the largest
         s["error"] += (pred != t).sum(1).double()
-        if C >= 5:
-            top5 = z.topk(5, dim=-1).indices  # (K, N, 5)
-            s["top5_error"] += (~(top5 == t[None, :, None]).any(-1)).sum(1).double()
+        if C >= 5 and not by_class:
+            s["top5_error"] += (~(z.topk(5, dim=-1).indices == t[None, :, None]).any(-1)).sum(1).double()
+        elif C >= 5:
+            # rank of the target among the classes, ordered as argmax orders them (NaN largest, ties by index):
+            # top-5 error = rank >= 5 (rank >= 1 is exactly pred != t)
+            cols = torch.arange(C, device=z.device).reshape(1, 1, C)
+            z_nan, t_nan = torch.isnan(z), torch.isnan(zt)
+            above = (z > zt) | (z_nan & ~t_nan)
+            tie = ((z == zt) | (z_nan & t_nan)) & (cols < tk)
+            s["top5_error"] += ((above.sum(-1) + tie.sum(-1)) >= 5).sum(1).double()
         if ref_logits is not None:
             r = ref_logits.reshape(-1, C).double()
-            diff = torch.softmax(z, -1) - torch.softmax(r, -1)[None]
+            er = torch.exp(r - r.amax(-1, keepdim=True))
+            diff = e / se - (er / er.sum(-1, keepdim=True))[None]  # softmax(z) - softmax(r)
             s["distance"] += diff.pow(2).sum(-1).sum(1)
             s["disagreement"] += (pred != r.argmax(-1)[None]).sum(1).double()
         self.count += n

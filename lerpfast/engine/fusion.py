@@ -77,7 +77,7 @@ class FusedChain(nn.Module):
     def forward(self, x: torch.Tensor, residual=None) -> torch.Tensor:
         ctx = self.ctx
         if not (self.enabled and ctx.pts is not None and torch.is_tensor(x) and x.dim() >= 2
-                and x.shape[0] == ctx.K * ctx.batch and x.is_floating_point()):
+                and (x.shape[0] == ctx.K * ctx.batch or ctx.is_unrepeated(x)) and x.is_floating_point()):
             return self._unfused(x, residual)
         bn = None
         if self.bn is not None:
@@ -92,7 +92,8 @@ class FusedChain(nn.Module):
         return self._tail(self.layer.run(x, bn=bn), residual)
 
     def _residual_ok(self, x: torch.Tensor, r) -> bool:
-        if not torch.is_tensor(r) or tuple(r.shape) != tuple(self.layer.out_shape(x.shape)):
+        rows = self.ctx.rows(x)  # K*B, also for the unrepeated data batch (B rows standing for K*B)
+        if not torch.is_tensor(r) or tuple(r.shape) != tuple(self.layer.out_shape((rows, *x.shape[1:]))):
             return False
         ac = _autocast_dtype(x.device)
         out_dtype = ac if (ac is not None and x.dtype in (torch.float32, ac)) else x.dtype
@@ -214,15 +215,31 @@ def _is_relu(node: fx.Node, prev: fx.Node, mods: dict) -> bool:
     return False
 
 
-def _fuse_traced(module: nn.Module, ctx: PointContext, report: dict) -> nn.Module | None:
-    """The GraphModule of ``module`` with its chains fused, or None when it has none; raises if untraceable."""
-    # Trace a copy that shares the multi-point layers (the slice tensors are not copied): a failed trace may
-    # leave proxies behind in the modules it ran through, and only the copy sees them.
+#: fx traces run (a cached engine runs none: engine.model's template cache; the tests count them)
+TRACE_COUNT = {"traces": 0}
+
+
+def trace(module: nn.Module) -> fx.GraphModule:
+    """``module`` (a converted multi-point network or part of one) as a GraphModule whose multi-point layers are
+    leaves; raises when fx cannot trace it.
+
+    A copy that shares the multi-point layers (the slice tensors are not copied) is traced: a failed trace may
+    leave proxies behind in the modules it ran through, and only the copy sees them.
+    """
+    TRACE_COUNT["traces"] += 1
+    if "forward" in module.__dict__:  # fx traces type(module).forward: an instance's own forward would be lost
+        raise TypeError(f"{type(module).__name__} has an instance-level forward; fx traces the class's")
     work = copy.deepcopy(module, {id(m): m for m in module.modules() if isinstance(m, MultiPointLayer)})
     graph = _Tracer().trace(work)
-    gm = fx.GraphModule(work, graph, class_name=type(module).__name__)
+    return fx.GraphModule(work, graph, class_name=type(module).__name__)
+
+
+def _fuse_traced(module: nn.Module, ctx: PointContext, report: dict) -> nn.Module | None:
+    """The GraphModule of ``module`` with its chains fused, or None when it has none; raises if untraceable."""
+    gm = trace(module)
     chains = _chains(gm)
     if not chains:
+        report.setdefault("traced", {})[id(module)] = gm  # the trace, for engine.model's no-repeat plan
         return None
     mods = dict(gm.named_modules())
     fused = []

@@ -26,6 +26,9 @@ class PointContext:
     pts: Points | None = None
     batch: int = 0  # per-point batch size B of the current data batch
     shared: list[tuple[int, int]] = field(default_factory=list)  # (data_ptr, numel) of repeated input buffers
+    # input tensors of B rows (not repeated K times) that the model's traced graph hands straight to a
+    # shared-input layer (engine.model: the no-repeat plan); compared by identity
+    unrepeated: list[torch.Tensor] = field(default_factory=list)
     calibrate: bool = False  # "recompute" BN policy: accumulate per-point batch statistics
     max_materialized: int = 0  # largest per-layer K-point weight tensor built (bytes), for memory checks
     stats: dict = field(default_factory=dict)
@@ -34,10 +37,21 @@ class PointContext:
     def K(self) -> int:  # noqa: N802
         return self.pts.K
 
+    def is_unrepeated(self, x: torch.Tensor) -> bool:
+        """True when x is the B-row data batch itself, standing for K identical row blocks (see ``unrepeated``)."""
+        return any(x is t for t in self.unrepeated) and x.dim() >= 1 and x.shape[0] == self.batch
+
     def is_shared(self, x: torch.Tensor) -> bool:
-        """True when x is an unmodified view of the repeated input: all K row blocks are the same data."""
+        """True when all K row blocks of x are the same data: x is an unmodified view of the repeated input,
+        or the unrepeated B-row input itself."""
+        if self.unrepeated and self.is_unrepeated(x):
+            return True
         return (x.dim() >= 1 and x.shape[0] == self.K * self.batch and x.is_contiguous()
                 and (x.data_ptr(), x.numel()) in self.shared)
+
+    def rows(self, x: torch.Tensor) -> int:
+        """Rows of x in the (K*B, ...) layout: K*B, also for the unrepeated B-row input."""
+        return self.K * x.shape[0] if self.is_unrepeated(x) else x.shape[0]
 
     def note(self, nbytes: int) -> None:
         self.max_materialized = max(self.max_materialized, nbytes)
@@ -57,7 +71,7 @@ class MultiPointLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self.ctx
         K, B = ctx.K, ctx.batch
-        if x.dim() >= 1 and x.shape[0] == K * B:
+        if x.dim() >= 1 and (x.shape[0] == K * B or ctx.is_unrepeated(x)):
             return self.run(x)
         # An input without the batch axis (position ids of shape (T,) or (1, T), a constant): the K points'
         # outputs on it, broadcast over the batch, so that the usual broadcasting against batched tensors holds.
@@ -110,6 +124,7 @@ class MPLinear(MultiPointLayer):
         return self.slices["weight"].anchors.shape[1]
 
     def out_shape(self, in_shape: torch.Size) -> tuple[int, ...]:
+        """Shape of this layer's output for an input of shape ``in_shape`` (K*B, ..., in)."""
         return (*in_shape[:-1], self.out_channels)
 
     def run(self, x: torch.Tensor, bn: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -118,9 +133,13 @@ class MPLinear(MultiPointLayer):
         followed by the per-point affine ``bn`` (over the last axis), + ``residual`` (the output's shape), ReLU."""
         K, lead = self.ctx.K, x.shape[:-1]
         shared = self.ctx.is_shared(x)
-        xin = x.reshape(K, -1, x.shape[-1])  # (K, N, in)
-        if shared:
-            xin = xin[0]  # (N, in): the same rows for every point
+        if self.ctx.is_unrepeated(x):
+            xin = x.reshape(-1, x.shape[-1])  # (N, in): the data batch itself, never repeated
+            lead = (K * lead[0], *lead[1:])
+        else:
+            xin = x.reshape(K, -1, x.shape[-1])  # (K, N, in)
+            if shared:
+                xin = xin[0]  # (N, in): the same rows for every point
         w = self.slices["weight"]
         self.ctx.note(K * w.anchors[0].numel() * w.anchors.element_size())
         if bn is None and residual is None and not relu:
@@ -166,11 +185,15 @@ class MPConv(MultiPointLayer):
         followed by the per-point per-channel affine ``bn``, + ``residual`` (the output's shape), ReLU."""
         K = self.ctx.K
         shared = self.ctx.is_shared(x)
+        unrepeated = self.ctx.is_unrepeated(x)
         if self.padding_mode != "zeros":
             x = F.pad(x, self.pad, mode=self.padding_mode)
-        xin = _split(x, K)  # (K, B, C, *sp)
-        if shared:
-            xin = xin[0]
+        if unrepeated:
+            xin = x  # (B, C, *sp): the data batch itself, never repeated
+        else:
+            xin = _split(x, K)  # (K, B, C, *sp)
+            if shared:
+                xin = xin[0]
         w = self.slices["weight"]
         self.ctx.note(K * w.anchors[0].numel() * w.anchors.element_size())
         if bn is None and residual is None and not relu:
