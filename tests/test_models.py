@@ -131,3 +131,27 @@ def test_train_defaults_follow_openlth():
     i = models.train_defaults("resnet50")
     assert (i["batch_size"], i["lr"], i["warmup"], i["milestones"], i["steps"]) == (1024, 0.4, "5ep", "30ep,60ep,80ep",
                                                                                    "90ep")
+
+
+def test_mlp_batch_norm_option():
+    # bn=True (Im et al.'s with / without batch norm): BatchNorm1d between each hidden Linear and its activation;
+    # the default model is unchanged, and for one seed both share their Linear weights (the same initialization).
+    torch.manual_seed(0)
+    plain = models.create("lenet_300_100", in_shape=(1, 8, 8))
+    torch.manual_seed(0)
+    bn = models.create("lenet_300_100", in_shape=(1, 8, 8), bn=True)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in plain.modules())
+    assert [m.num_features for m in bn.modules() if isinstance(m, nn.BatchNorm1d)] == [300, 100]
+    sd_plain, sd_bn = plain.state_dict(), bn.state_dict()
+    assert set(sd_bn) - set(sd_plain) == {f"norms.{i}.{k}" for i in (0, 1) for k in
+                                          ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    assert all(torch.equal(sd_plain[k], sd_bn[k]) for k in sd_plain)
+    x = torch.randn(16, 1, 8, 8)
+    bn.train()
+    h = bn.norms[0](bn.hidden[0](x.flatten(1)))  # training mode: batch statistics, zero mean per feature
+    torch.testing.assert_close(h.mean(0), torch.zeros(300), atol=1e-5, rtol=0)
+    assert bn(x).shape == (16, 10)
+    bn.eval()
+    assert torch.isfinite(bn(x)).all()
+    m = models.create("mlp", in_shape=(1, 8, 8), widths=(8,), activation="maxout", pieces=3, bn=True)
+    assert m.norms[0].num_features == 24 and m(x).shape == (16, 10)

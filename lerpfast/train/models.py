@@ -111,14 +111,20 @@ class MLP(nn.Module):
         Number of linear pieces per maxout unit (ignored for the other activations).
     dropout : float
         Dropout probability after every hidden activation (0 disables it).
+    bn : bool
+        Batch norm (``nn.BatchNorm1d``, PyTorch's initialization: scale 1, shift 0) between every hidden Linear
+        and its activation, as in Im, Tao & Branson's (2016) with / without batch-norm comparison. The Linear
+        layers keep their biases and are drawn in the same order, so for a given seed the Linear weights equal
+        those of the model without batch norm.
 
     Notes
     -----
-    Parameter names: ``hidden.<i>.weight / bias`` and ``out.weight / bias``.
+    Parameter names: ``hidden.<i>.weight / bias``, ``out.weight / bias``, and with ``bn=True``
+    ``norms.<i>.{weight, bias, running_mean, running_var, num_batches_tracked}``.
     """
 
     def __init__(self, in_features: int, num_classes: int, widths: Sequence[int] = (300, 100),
-                 activation: str = "relu", pieces: int = 5, dropout: float = 0.0):
+                 activation: str = "relu", pieces: int = 5, dropout: float = 0.0, bn: bool = False):
         super().__init__()
         if activation not in ("relu", "sigmoid", "tanh", "maxout"):
             raise ValueError(f"unknown activation {activation!r}")
@@ -131,6 +137,8 @@ class MLP(nn.Module):
             layers.append(nn.Linear(d, w * self.pieces))
             d = w
         self.hidden = nn.ModuleList(layers)
+        if bn:  # only registered with bn=True: the state dict of the default model is unchanged
+            self.norms = nn.ModuleList(nn.BatchNorm1d(w * self.pieces) for w in widths)
         self.out = nn.Linear(d, num_classes)
 
     def _act(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,8 +153,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(x, 1)  # (N, in_features)
-        for layer in self.hidden:
-            x = self.dropout(self._act(layer(x)))
+        norms = getattr(self, "norms", None)
+        for i, layer in enumerate(self.hidden):
+            x = layer(x)  # (N, width * pieces)
+            if norms is not None:
+                x = norms[i](x)
+            x = self.dropout(self._act(x))
         return self.out(x)  # (N, num_classes)
 
 
@@ -503,8 +515,8 @@ def _flat(in_shape: Sequence[int]) -> int:
 
 
 def _mlp(num_classes, in_shape, widths=(300, 100), activation="relu", pieces=5, dropout=0.0,
-         init="kaiming_normal"):
-    model = MLP(_flat(in_shape), num_classes, tuple(widths), activation, pieces, dropout)
+         init="kaiming_normal", bn=False):
+    model = MLP(_flat(in_shape), num_classes, tuple(widths), activation, pieces, dropout, bn)
     _init_weights(model, init)
     return model
 
@@ -544,7 +556,7 @@ def _deep_linear(num_classes, in_shape, depth=2, width=1, bias=False, init="defa
 _REGISTRY: dict[str, _Spec] = {
     "lenet_300_100": _Spec(_mlp, _MNIST, 10, _LENET_TRAIN, "LeNet-300-100: MLP 784-300-100-10, ReLU"),
     "mlp": _Spec(_mlp, _MNIST, 10, _LENET_TRAIN,
-                 "MLP; widths, activation (relu|sigmoid|tanh|maxout), pieces, dropout"),
+                 "MLP; widths, activation (relu|sigmoid|tanh|maxout), pieces, dropout, bn"),
     **{f"resnet{d}": _Spec(_cifar_resnet(d), _CIFAR, 10, _CIFAR_TRAIN, f"CIFAR ResNet-{d}; width, bn")
        for d in (20, 32, 44, 56, 110)},
     **{f"vgg{d}": _Spec(_cifar_vgg(d), _CIFAR, 10, _CIFAR_TRAIN, f"CIFAR VGG-{d}; bn, width")
@@ -599,7 +611,7 @@ def create(name: str, num_classes: int | None = None, in_shape: Sequence[int] | 
         Input shape without the batch axis, e.g. ``(1, 28, 28)``, ``(3, 32, 32)``, ``(1, 8, 8)``;
         defaults to the model's standard setting.
     **kw
-        Model options, e.g. ``widths=(500, 300), activation="maxout", dropout=0.5`` (mlp),
+        Model options, e.g. ``widths=(500, 300), activation="maxout", dropout=0.5, bn=True`` (mlp, lenet_300_100),
         ``width=2, bn=False`` (resnets), ``bn=False`` (vgg, nin), ``depth=4, width=16`` (deep_linear),
         ``init="default"`` to keep PyTorch's initialization.
 
