@@ -1,0 +1,595 @@
+"""Goodfellow, Vinyals & Saxe (ICLR 2015), "Qualitatively characterizing neural network optimization problems".
+
+The paper evaluates the training objective on straight lines of weight space, ``theta(a) = (1-a) theta_0 + a
+theta_1``, and finds that for the networks of its day the line from the initialization to the SGD solution meets
+no obstacle: the loss falls along it in a simple, roughly convex shape, on the training and the test set, even
+extrapolated past both ends and at high resolution near the solution. It contrasts this with the line between two
+solutions from different seeds (a barrier: each is its own minimum along it) and from a random point to a solution
+(no other minimum on the way), measures how far the SGD trajectory strays from the init -> final line against a
+random walk with the same step lengths (appendix B), and works out the deep linear network, whose loss along any
+line is a polynomial in ``a`` (degree ``2 * depth`` for the squared loss) that starts flat at a small
+initialization (the saddle at the origin) and drops steeply near the solution.
+
+``lerpfast reproduce goodfellow`` runs all of it for one MLP (LeNet-300-100 by default) and a deep linear net:
+
+* train the MLP from two seeds (replicates 0 and 1, about 100 checkpoints each for the trajectory) and a deep linear
+  net (depth 8, width 32, squared loss on one-hot targets of the same images);
+* sweep init -> final (train and test, extrapolated to [-0.5, 1.5]), 200-point windows [0, 0.01] and [0.99, 1]
+  on the training set, solution A <-> solution B and random point -> solution (train and test), and the deep linear
+  net's init -> final line in float64, on [-0.5, 1.5] and far out on [-3, 4] (where the top-degree term shows);
+* project both trajectories onto their init -> final lines, with random walks of the same step lengths;
+* check each claim on those numbers (:data:`TOL` and the helpers below say how) and draw the figures.
+
+Sweep names in ``results.h5``: ``init-final@train``, ``init-final@test``, ``zoom-init@train``, ``zoom-final@train``,
+``A-B@train``, ``A-B@test``, ``random-final@train``, ``random-final@test``, ``deep-linear@train``,
+``deep-linear-wide@train``; the trajectory projections are kept in ``trajectory/*.npz``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lerpfast.reproduce._common import Context, fmt
+
+__all__ = ["TITLE", "DEFAULTS", "Plan", "QUICK", "FULL", "TOL", "polynomial_residuals", "line_shape", "run"]
+
+TITLE = ("Goodfellow, Vinyals & Saxe (ICLR 2015), \"Qualitatively characterizing neural network optimization "
+         "problems\"")
+DEFAULTS = {"model": "lenet_300_100"}
+
+# How each qualitative word of the paper is turned into a yes / no here.
+TOL = {
+    # "decreases monotonically": no rise anywhere along [0, 1] above this fraction of the drop L(0) - L(1)
+    # (the loss is an exact average over a fixed set, so any rise is real; the tolerance only absorbs fp32 rounding)
+    "monotone": 1e-3,
+    # "approximately convex": the curve stays within this fraction of its drop of its lower convex hull
+    "convex": 0.05,
+    # "a barrier between two solutions": the loss on the line rises above the chord between them by more than this
+    # fraction of the endpoints' mean loss
+    "barrier": 0.1,
+    # "far less than a random walk": the largest residual of SGD, in units of its line's length, is below this fraction
+    # of the same for a random walk with the same step lengths (about 0.5 in high dimension: a Brownian bridge)
+    "walk": 0.5,
+    # "a polynomial of degree 2 * depth": on a float64 sweep over [-3, 4] (wide, so that the top coefficient shows),
+    # a degree-2d fit leaves an rms residual at rounding level, below this fraction of the curve's range, and a
+    # degree-(2d - 1) fit at least 100 times more
+    "poly": 1e-12,
+    # "flat near the initialization, steep near the solution": less than this fraction of the drop is done by
+    # a = 0.5 (a straight-line fall would do half)
+    "flat": 0.5,
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run trains and sweeps (:data:`QUICK` on digits, :data:`FULL` on Fashion-MNIST)."""
+
+    epochs: int  # MLP training length (SGD, lr 0.1, batch 128: OpenLTH's LeNet setting)
+    checkpoints: int  # evenly spaced trajectory checkpoints per replicate (besides steps 1, 2, 4, ...)
+    line: str  # init -> final coordinates (extrapolated on both sides)
+    zoom: int  # points in each high-resolution window, [0, 0.01] and [0.99, 1]
+    pair: str  # A <-> B and random -> final coordinates
+    deep_depth: int  # deep linear net: number of linear maps
+    deep_width: int
+    deep_epochs: int
+    deep_lr: float  # SGD with momentum 0.9
+    train_limit: int | None = None  # train (and evaluate the train-set curves) on the first N training samples
+    test_limit: int | None = None
+    zoom_limit: int | None = None  # the zoomed windows on the first N training samples
+
+
+QUICK = Plan(epochs=25, checkpoints=40, line="-0.5:1.5:81", zoom=100, pair="-0.25:1.25:61", deep_depth=8,
+             deep_width=32, deep_epochs=30, deep_lr=0.2, train_limit=5000, test_limit=2000, zoom_limit=5000)
+FULL = Plan(epochs=10, checkpoints=100, line="-0.5:1.5:81", zoom=200, pair="-0.25:1.25:61", deep_depth=8,
+            deep_width=32, deep_epochs=5, deep_lr=0.1, zoom_limit=10_000)
+
+BATCH = 128
+LABELS = {"init-final": ["init", "final"], "zoom-init": ["init", "final"], "zoom-final": ["init", "final"],
+          "A-B": ["solution A", "solution B"], "random-final": ["random point", "final"],
+          "deep-linear": ["deep linear init", "deep linear final"],
+          "deep-linear-wide": ["deep linear init", "deep linear final"]}
+DEEP_WIDE = "-3:4:29"  # the deep linear net's line far past both ends, where the top-degree term of the loss shows
+RANDOM_POINT_SEED = 10_000  # the "random point": a fresh draw of the initialization, seeds 0 and 1 being A and B
+
+
+def _mse_onehot(logits, target):
+    """Per-sample squared loss of a regression onto one-hot targets (the trainer's ``loss="mse"``: mean over outputs).
+
+    Sweeps keep the class labels as targets, so the error metric still means something.
+    """
+    import torch
+
+    onehot = torch.nn.functional.one_hot(target.long(), logits.shape[-1]).to(logits.dtype)
+    return (logits - onehot).pow(2).mean(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Curve summaries of this paper
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def polynomial_residuals(alphas, values, degrees) -> dict[int, float]:
+    """RMS residual of a least-squares polynomial fit of each degree, as a fraction of the curve's range.
+
+    Chebyshev basis on the sampled interval, so degree 16 on 81 points is well conditioned in float64.
+    """
+    from numpy.polynomial import Chebyshev
+
+    a, v = np.asarray(alphas, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    span = float(np.ptp(v)) or 1.0
+    return {d: float(np.sqrt(np.mean((Chebyshev.fit(a, v, d)(a) - v) ** 2)) / span) for d in degrees}
+
+
+def line_shape(alphas, values) -> dict[str, float]:
+    """Where along [0, 1] a falling curve does its falling.
+
+    Returns ``drop`` = L(0) - L(1), ``frac25`` / ``frac50`` = the fraction of the drop done by a = 0.25 / 0.5
+    (0.25 / 0.5 for a straight fall, less for a curve that starts flat), and ``slope0`` = -L'(0) / drop from
+    a cubic fitted to the points with a in [0, 0.1] (1 for a straight fall, about 0 on a plateau).
+    """
+    a, v = np.asarray(alphas, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    order = np.argsort(a)
+    a, v = a[order], v[order]
+    at = lambda x: float(np.interp(x, a, v))
+    drop = at(0.0) - at(1.0)
+    near = (a >= 0) & (a <= 0.1)
+    slope0 = float("nan")
+    if near.sum() >= 4:
+        p = np.polynomial.Polynomial.fit(a[near], v[near], 3)
+        slope0 = -float(p.deriv()(0.0)) / drop if drop else float("nan")
+    return {"drop": drop, "frac25": (at(0.0) - at(0.25)) / drop if drop else float("nan"),
+            "frac50": (at(0.0) - at(0.5)) / drop if drop else float("nan"), "slope0": slope0}
+
+
+def _inside(res, lo: float = 0.0, hi: float = 1.0):
+    a = np.asarray(res.alphas, dtype=np.float64)
+    keep = (a >= lo - 1e-12) & (a <= hi + 1e-12)
+    return a[keep], {m: np.asarray(v, dtype=np.float64)[keep] for m, v in res.metrics.items()}
+
+
+def _at(res, alpha: float, metric: str = "loss") -> float:
+    a = np.asarray(res.alphas, dtype=np.float64)
+    return float(np.asarray(res.metrics[metric], dtype=np.float64)[int(np.argmin(np.abs(a - alpha)))])
+
+
+def _local_minima(values) -> int:
+    """Strict interior local minima of a sampled curve."""
+    v = np.asarray(values, dtype=np.float64)
+    return int(np.sum((v[1:-1] < v[:-2]) & (v[1:-1] < v[2:])))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _plan(ctx: Context) -> Plan:
+    return QUICK if ctx.s.quick else FULL
+
+
+def _checkpoint_list(n_train: int, plan: Plan) -> str:
+    """Steps 1, 2, 4, ... up to the first spacing, then ``plan.checkpoints`` evenly spaced ones (0 and the last step
+    are always saved): dense enough that the trajectory's projection is a curve, not a handful of points."""
+    total = plan.epochs * math.ceil(n_train / BATCH)
+    every = max(1, total // plan.checkpoints)
+    steps = sorted({2**k for k in range(int(math.log2(every)) + 1) if 2**k < every} | set(range(every, total, every)))
+    return ",".join(str(s) for s in steps)
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    """Run a block with ``n`` torch threads. Training steps of these small nets (a batch of 128 through
+    LeNet-300-100: ~0.2 GFLOP) gain little from a second thread, and on a loaded 2-core machine they lose a lot: one
+    Fashion-MNIST epoch took 9.5 s with one thread and 46.5 s with two at load average 6."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(n, before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _tensors(ctx: Context, split: str, limit: int | None):
+    import torch
+
+    xs, ys = zip(*ctx.data(split, limit=limit))  # the evaluation loader the sweeps use (cached)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _random_point(model_name: str, num_classes: int, in_shape) -> dict:
+    import torch
+
+    from lerpfast.train import models
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_POINT_SEED)
+        net = models.create(model_name, num_classes, tuple(in_shape))
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def run(ctx: Context) -> None:
+    """Train, sweep, check the claims and draw the figures (see the module docstring)."""
+    import torch
+
+    from lerpfast.train import list_checkpoints, load_model
+
+    s, plan = ctx.s, _plan(ctx)
+    train_eval = ctx.data("train", limit=plan.train_limit)
+    zoom_eval = ctx.data("train", limit=plan.zoom_limit)
+    test_eval = ctx.data("test", limit=plan.test_limit)
+    n_train = int(train_eval.num_samples)
+
+    # -- train ---------------------------------------------------------------------------------------------------
+    with ctx.stage("train", total=2) as bar, _threads(1):
+        mlp_run = ctx.train(model=s.model, dataset=s.dataset, limit=plan.train_limit, optimizer="sgd", lr=0.1,
+                            batch_size=BATCH, steps=f"{plan.epochs}ep", replicates=2,
+                            checkpoints=_checkpoint_list(n_train, plan))
+        bar.update()
+        x, y = _tensors(ctx, "train", plan.train_limit)
+        onehot = torch.nn.functional.one_hot(y.long(), int(train_eval.num_classes)).to(x.dtype)
+        deep_run = ctx.train(data=((x, onehot), None), model="deep_linear",
+                             model_options=f"depth={plan.deep_depth},width={plan.deep_width}", dataset=s.dataset,
+                             limit=plan.train_limit, loss="mse", optimizer="sgdm", lr=plan.deep_lr, batch_size=BATCH,
+                             steps=f"{plan.deep_epochs}ep", checkpoints="none", evaluate="none")
+        bar.update()
+
+    ck = [list_checkpoints(mlp_run, r) for r in (0, 1)]
+    init0, final0, final1 = ck[0][0], ck[0][max(ck[0])], ck[1][max(ck[1])]
+    model = load_model(mlp_run).to(s.device)
+    random_point = _random_point(s.model, int(train_eval.num_classes), train_eval.input_shape)
+    deep_ck = list_checkpoints(deep_run)
+    deep_model = load_model(deep_run).to(s.device)
+    ppp = dict(points_per_pass=25)  # bounds activation memory (K x batch x 300 floats per layer)
+
+    # -- sweep ---------------------------------------------------------------------------------------------------
+    sweeps = {
+        "init-final@train": (model, (init0, final0), plan.line, train_eval, ppp),
+        "init-final@test": (model, (init0, final0), plan.line, test_eval, ppp),
+        "zoom-init@train": (model, (init0, final0), np.linspace(0.0, 0.01, plan.zoom), zoom_eval, ppp),
+        "zoom-final@train": (model, (init0, final0), np.linspace(0.99, 1.0, plan.zoom), zoom_eval, ppp),
+        "A-B@train": (model, (final0, final1), plan.pair, train_eval, ppp),
+        "A-B@test": (model, (final0, final1), plan.pair, test_eval, ppp),
+        "random-final@train": (model, (random_point, final0), plan.pair, train_eval, ppp),
+        "random-final@test": (model, (random_point, final0), plan.pair, test_eval, ppp),
+        "deep-linear@train": (deep_model, (deep_ck[0], deep_ck[max(deep_ck)]), "-0.5:1.5:81", train_eval,
+                              dict(loss_fn=_mse_onehot, precision="fp64")),
+        "deep-linear-wide@train": (deep_model, (deep_ck[0], deep_ck[max(deep_ck)]), DEEP_WIDE, train_eval,
+                                   dict(loss_fn=_mse_onehot, precision="fp64")),
+    }
+    res = {}
+    with ctx.stage("sweep", total=len(sweeps)) as bar:
+        for name, (net, ends, alphas, data, kw) in sweeps.items():
+            res[name] = ctx.sweep(name, net, ends, alphas, data, labels=LABELS[name.split("@")[0]], **kw)
+            bar.update()
+
+    # -- trajectory (appendix B) -----------------------------------------------------------------------------------
+    with ctx.stage("trajectory", total=2) as bar:
+        traj = []
+        for r in (0, 1):
+            traj.append(_trajectory_cached(ctx, mlp_run, ck[r], seed=r))
+            bar.update()
+
+    with ctx.stage("claims and figures"):
+        _claims_mlp(ctx, res)
+        _claims_trajectory(ctx, traj)
+        _claims_deep_linear(ctx, res["deep-linear@train"], res["deep-linear-wide@train"], res["init-final@train"],
+                            plan)
+        _facts(ctx, res, plan, n_train, int(test_eval.num_samples))
+        if ctx.is_writer:
+            _figures(ctx, res, traj, plan)
+
+
+def _trajectory_cached(ctx: Context, run_dir, ckpts: dict, seed: int) -> dict:
+    """:func:`_trajectory`, kept in ``<out>/trajectory/`` so that a re-run does not load every checkpoint again (the
+    checkpoints of a finished run never change; the file is keyed by the run, the steps and the seed)."""
+    path = ctx.out / "trajectory" / f"{Path(run_dir).name}_rep{seed}.npz"
+    steps = np.asarray(sorted(ckpts))
+    if path.is_file():
+        with np.load(path) as f:
+            if np.array_equal(f["steps"], steps):
+                return {"steps": steps, "proj": {k[5:]: f[k] for k in f.files if k.startswith("proj_")},
+                        "walk": {k[5:]: f[k] for k in f.files if k.startswith("walk_")},
+                        "path_length": float(f["path_length"]), "dim": int(f["dim"])}
+    t = _trajectory(ckpts, seed)
+    if ctx.is_writer:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, steps=t["steps"], path_length=t["path_length"], dim=t["dim"],
+                 **{f"proj_{k}": v for k, v in t["proj"].items()}, **{f"walk_{k}": v for k, v in t["walk"].items()})
+        os.replace(tmp, path)
+    return t
+
+
+def _trajectory(ckpts: dict, seed: int) -> dict:
+    """Projection onto init -> final and residual of a replicate's checkpoints, and of a random walk with the same
+    step lengths (Goodfellow et al., appendix B)."""
+    import torch
+
+    from lerpfast.analysis import random_walk_projection, step_norms, trajectory_projection
+
+    steps = sorted(ckpts)
+    states = [torch.load(ckpts[t], map_location="cpu", weights_only=True) for t in steps]
+    keys = [k for k, v in states[0].items() if v.is_floating_point()]
+    dim = sum(states[0][k].numel() for k in keys)
+    norms = step_norms(states, keys)
+    proj = trajectory_projection(states, keys=keys)
+    # chunk: O(chunk x T) float64 at a time, ~60 MB for 110 checkpoints instead of 3.7 GB with the default
+    walk = random_walk_projection(norms, dim, seed=seed, chunk=1 << 16)
+    return {"steps": np.asarray(steps), "proj": proj, "walk": walk, "path_length": float(norms.sum()), "dim": dim}
+
+
+def _monotone(res, lo=0.0, hi=1.0, metric="loss"):
+    from lerpfast.analysis import monotonicity
+
+    a, m = _inside(res, lo, hi)
+    v = m[metric]
+    drop = abs(float(v[0] - v[-1])) or float(np.ptp(v)) or 1.0
+    mono = monotonicity(a, v, tol=TOL["monotone"] * drop)
+    return mono, drop
+
+
+def _claims_mlp(ctx: Context, res: dict) -> None:
+    from lerpfast.analysis import barrier, convexity_violation
+
+    data_note = _data_note(ctx)
+    # 1-2: init -> final decreases monotonically, train and test
+    for split in ("train", "test"):
+        r = res[f"init-final@{split}"]
+        mono, drop = _monotone(r)
+        mono_e, _ = _monotone(r, metric="error")
+        ctx.claim(
+            f"the {split} loss falls monotonically along init -> final, no bump on the way",
+            "§3, Figs. 2-3 (MNIST MLPs)",
+            f"largest rise {fmt(mono.max_rise)} over a drop of {fmt(drop)} ({mono.n_bumps} bumps); "
+            f"{split} error: largest rise {fmt(mono_e.max_rise)}",
+            mono.monotonic, note=data_note + f"; rise counted above {TOL['monotone']:g} x drop",
+            max_rise=mono.max_rise, drop=drop, bumps=mono.n_bumps, error_max_rise=mono_e.max_rise)
+    # 3: approximately convex
+    a, m = _inside(res["init-final@train"])
+    viol, at = convexity_violation(a, m["loss"], return_alpha=True)
+    drop = float(m["loss"][0] - m["loss"][-1])
+    ctx.claim("the train loss along init -> final has a simple, approximately convex shape",
+              "§3, Figs. 2-3; abstract",
+              f"largest gap above the lower convex hull {fmt(viol)} = {fmt(viol / drop, 3)} of the drop "
+              f"(at alpha = {at:.2f})",
+              viol / drop <= TOL["convex"], note=f"convex: gap <= {TOL['convex']:g} x drop",
+              convexity_violation=viol, relative=viol / drop, alpha=at)
+    # 4: high resolution near init and solution
+    mono_i, drop_i = _monotone(res["zoom-init@train"], 0.0, 0.01)
+    mono_f, drop_f = _monotone(res["zoom-final@train"], 0.99, 1.0)
+    n = len(res["zoom-final@train"].alphas)
+    n_img = res["zoom-final@train"].meta.get("data", {}).get("num_samples", "?")
+    ctx.claim("at high resolution near the initialization and the solution the train loss is smooth, no small "
+              "bumps", "§3 (zoomed interpolation)",
+              f"{n} points in [0, 0.01]: largest rise {fmt(mono_i.max_rise)} over a drop of {fmt(drop_i)}; "
+              f"in [0.99, 1]: {fmt(mono_f.max_rise)} over {fmt(drop_f)}",
+              mono_i.monotonic and mono_f.monotonic,
+              note=f"monotone at the same tolerance; on the first {n_img} training images",
+              init_max_rise=mono_i.max_rise, init_drop=drop_i, final_max_rise=mono_f.max_rise, final_drop=drop_f,
+              bumps=mono_i.n_bumps + mono_f.n_bumps)
+    # 5: two solutions from different seeds are separated by a barrier
+    out = {}
+    for split in ("train", "test"):
+        r = res[f"A-B@{split}"]
+        b, ab = barrier(r.alphas, r.loss, return_alpha=True)
+        ends = 0.5 * (_at(r, 0.0) + _at(r, 1.0))
+        be = barrier(r.alphas, r.metrics["error"])
+        out[split] = (b, ab, ends, be)
+    b, ab, ends, be = out["train"]
+    ctx.claim("between two solutions from different seeds the loss rises: a barrier separates them",
+              "§3 (interpolating between two solutions)",
+              f"barrier {fmt(b)} above the chord at alpha = {ab:.2f} (endpoints' mean loss {fmt(ends)}); "
+              f"test: {fmt(out['test'][0])}; train error barrier {fmt(be, 3)}",
+              b / ends > TOL["barrier"],
+              note=f"barrier: more than {TOL['barrier']:g} x the endpoints' mean train loss; seeds 0 and 1 "
+                   "(init and data order)",
+              barrier=b, relative=b / ends, alpha=ab, endpoints_loss=ends, test_barrier=out["test"][0],
+              error_barrier=be)
+    # 6: random point -> solution: no other minimum on the way
+    r = res["random-final@train"]
+    mono, drop = _monotone(r)
+    a, m = _inside(r)
+    minima = _local_minima(m["loss"])
+    mono_t, _ = _monotone(res["random-final@test"])
+    ctx.claim("from a random point to the solution the loss meets no other minimum on the way",
+              "§3 (interpolating from a random point)",
+              f"train: {minima} interior local minima, largest rise {fmt(mono.max_rise)} over a drop of {fmt(drop)}; "
+              f"test: largest rise {fmt(mono_t.max_rise)}",
+              mono.monotonic and minima == 0,
+              note=f"random point: a fresh draw of the initialization (seed {RANDOM_POINT_SEED})",
+              max_rise=mono.max_rise, drop=drop, local_minima=minima, test_max_rise=mono_t.max_rise)
+
+
+def _claims_trajectory(ctx: Context, traj: list) -> None:
+    rows = []
+    for t in traj:
+        p, w = t["proj"], t["walk"]
+        rows.append({
+            "sgd": float(np.max(p["residual"]) / p["line_length"]),  # how far it strays, in units of its own line
+            "walk": float(np.max(w["residual"]) / w["line_length"]),
+            "absolute": float(np.max(p["residual"]) / np.max(w["residual"])),
+            "sgd_straight": float(p["line_length"]) / t["path_length"],  # line length / path length
+            "walk_straight": float(w["line_length"]) / t["path_length"],
+        })
+    sgd = [r["sgd"] for r in rows]
+    ratio = [r["sgd"] / r["walk"] for r in rows]
+    ctx.claim("SGD does not travel along the init -> final line: its trajectory strays from it",
+              "App. B, Fig. 13",
+              f"largest residual / line length {' / '.join(fmt(v, 3) for v in sgd)} (seeds 0 / 1); the line is "
+              f"{' / '.join(fmt(r['sgd_straight'], 3) for r in rows)} of the path's length",
+              min(sgd) > 0.05, note="strays: largest residual above 5 % of the line's length",
+              seed0=sgd[0], seed1=sgd[1], line_over_path=rows[0]["sgd_straight"])
+    ctx.claim("...but far less than a random walk with the same step lengths",
+              "App. B, Figs. 11-13",
+              f"largest residual / own line length, SGD over random walk: {' / '.join(fmt(v, 3) for v in ratio)} "
+              f"(walk: {fmt(rows[0]['walk'], 3)}); the walk's line is {fmt(rows[0]['walk_straight'], 3)} of its "
+              f"path; in absolute distance SGD's largest residual is {fmt(rows[0]['absolute'], 3)} x the walk's",
+              max(ratio) < TOL["walk"],
+              note=f"far less: below {TOL['walk']:g} x the walk's, each measured in units of its own line (SGD goes "
+                   f"much farther along it); the walk takes the checkpoints' {len(traj[0]['steps']) - 1} steps in "
+                   f"{traj[0]['dim']:,} dimensions",
+              seed0=ratio[0], seed1=ratio[1], walk_relative=rows[0]["walk"], absolute_ratio=rows[0]["absolute"],
+              walk_line_over_path=rows[0]["walk_straight"])
+
+
+def _claims_deep_linear(ctx: Context, r, wide, mlp, plan: Plan) -> None:
+    from lerpfast.analysis import monotonicity
+
+    d = plan.deep_depth
+    fit = polynomial_residuals(wide.alphas, wide.loss, (2 * d - 2, 2 * d - 1, 2 * d))
+    narrow = polynomial_residuals(r.alphas, r.loss, (2 * d - 1, 2 * d))
+    mlp_fit = polynomial_residuals(mlp.alphas, mlp.loss, (2 * d,))[2 * d]
+    lo, hi = float(np.min(wide.alphas)), float(np.max(wide.alphas))
+    ctx.claim(f"deep linear net: the loss along a line is a polynomial in alpha, degree 2 x depth = {2 * d}",
+              "§3.1 (deep linear networks)",
+              f"rms residual / range of a degree-{2 * d} fit {fmt(fit[2 * d], 2)}; degree {2 * d - 1}: "
+              f"{fmt(fit[2 * d - 1], 2)}, {2 * d - 2}: {fmt(fit[2 * d - 2], 2)}; the MLP's init -> final on "
+              f"[-0.5, 1.5], degree {2 * d}: {fmt(mlp_fit, 2)}",
+              fit[2 * d] < TOL["poly"] and fit[2 * d - 1] > 100 * fit[2 * d],
+              note=f"depth {d}, width {plan.deep_width}, squared loss on one-hot targets; {len(wide.alphas)} points in "
+                   f"[{lo:g}, {hi:g}], float64 sweep; polynomial: degree-{2 * d} residual below {TOL['poly']:g}, "
+                   f"degree {2 * d - 1} 100 x higher (on [-0.5, 1.5] alone the top coefficient hardly shows: "
+                   f"{fmt(narrow[2 * d], 2)} vs {fmt(narrow[2 * d - 1], 2)})",
+              residual=fit[2 * d], residual_lower=fit[2 * d - 1], residual_lower2=fit[2 * d - 2], degree=2 * d,
+              mlp_residual=mlp_fit, narrow_residual=narrow[2 * d], narrow_residual_lower=narrow[2 * d - 1])
+    a, m = _inside(r)
+    shape = line_shape(a, m["loss"])
+    mono = monotonicity(a, m["loss"], tol=TOL["monotone"] * abs(shape["drop"]))
+    ctx.claim("deep linear net: from a small initialization (near the saddle at the origin) the loss along "
+              "init -> final starts flat and falls steeply near the solution, without a bump",
+              "§3.1 (deep linear networks)",
+              f"fraction of the drop done by alpha = 0.25: {fmt(shape['frac25'], 3)}, by 0.5: "
+              f"{fmt(shape['frac50'], 3)} (straight fall: 0.25, 0.5); slope at alpha = 0 / mean slope "
+              f"{fmt(shape['slope0'], 3)}; largest rise {fmt(mono.max_rise)}",
+              shape["frac50"] < TOL["flat"] and mono.monotonic,
+              note="PyTorch's default initialization: each layer shrinks its input about sqrt(3)-fold, so the "
+                   "initial map is small; flat: less than half the drop by alpha = 0.5",
+              **shape, max_rise=mono.max_rise)
+
+
+def _data_note(ctx: Context) -> str:
+    where = {"fashion-mnist": "Fashion-MNIST for MNIST", "digits": "scikit-learn digits (8x8) for MNIST"}
+    model = {"lenet_300_100": "LeNet-300-100 (ReLU) for their maxout / ReLU MLPs"}
+    return "; ".join(x for x in (where.get(ctx.s.dataset, f"{ctx.s.dataset} for MNIST"),
+                                 model.get(ctx.s.model, f"{ctx.s.model} for their MLPs")) if x)
+
+
+def _facts(ctx: Context, res: dict, plan: Plan, n_train: int, n_test: int) -> None:
+    from lerpfast.analysis import argmin
+
+    f = ctx.facts
+    for split in ("train", "test"):
+        r = res[f"init-final@{split}"]
+        f[f"final_{split}_loss"] = _at(r, 1.0)
+        f[f"final_{split}_error"] = _at(r, 1.0, "error")
+        f[f"init_{split}_loss"] = _at(r, 0.0)
+        (amin,), lmin = argmin(r.alphas, r.loss)
+        f[f"argmin_alpha_{split}"] = float(amin)
+        f[f"min_{split}_loss"] = lmin
+    f["plan"] = dict(plan.__dict__)
+    f["train_samples"], f["test_samples"] = n_train, n_test
+    ctx.note(f"Setting: {_data_note(ctx)}; {plan.epochs} epochs of SGD (lr 0.1, batch {BATCH}, no momentum) from "
+             f"seeds 0 and 1; curves on {n_train:,} training and {n_test:,} test images. The paper trained to "
+             "convergence on MNIST, with dropout for its maxout nets.")
+    ctx.note(f"init -> final: the train loss is lowest at alpha = {f['argmin_alpha_train']:.3f} "
+             f"({fmt(f['min_train_loss'])} vs {fmt(f['final_train_loss'])} at alpha = 1), the test loss at alpha = "
+             f"{f['argmin_alpha_test']:.3f} ({fmt(f['min_test_loss'])} vs {fmt(f['final_test_loss'])}).")
+    ctx.note(f"Deep linear net: depth {plan.deep_depth}, width {plan.deep_width}, no biases, squared loss onto one-hot "
+             f"labels of the same training images, SGD with momentum 0.9 (lr {plan.deep_lr}) for "
+             f"{plan.deep_epochs} epochs from PyTorch's default initialization.")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _figures(ctx: Context, res: dict, traj: list, plan: Plan) -> None:
+    from matplotlib.figure import Figure
+
+    from lerpfast.plot import plot_lines, plot_trajectory
+
+    s = ctx.s
+    fig = plot_lines({"train": res["init-final@train"], "test": res["init-final@test"]}, ("loss", "error"),
+                     logy=True, title=f"{s.model}, {s.dataset}: init -> final, extrapolated", cmap="coolwarm")
+    ctx.figure(fig, "init_final", "Loss (log axis) and error along init -> final on the train and test sets "
+                                  "(their Figs. 2-3)")
+
+    fig = Figure(figsize=(8.4, 3.2), layout="constrained")
+    for ax, name, lo, hi in zip(fig.subplots(1, 2), ("zoom-init@train", "zoom-final@train"), (0.0, 0.99),
+                                (0.01, 1.0)):
+        r = res[name]
+        ax.plot(r.alphas, r.loss, ".-", ms=2, lw=0.8, color="C0")
+        ax.set_xlim(lo, hi)
+        ax.set_xlabel(r"$\alpha$")
+        ax.set_ylabel("train loss")
+        ax.set_title(f"{len(r.alphas)} points in [{lo:g}, {hi:g}]", fontsize="medium")
+        ax.grid(alpha=0.3)
+    fig.suptitle("init -> final at high resolution")
+    ctx.figure(fig, "zoom", "The train loss near the initialization and near the solution, 200 points each")
+
+    fig = Figure(figsize=(8.4, 5.6), layout="constrained")
+    axes = fig.subplots(2, 2, sharex="col")
+    pairs = (("A-B", "solution A (seed 0) -> solution B (seed 1)"), ("random-final", "random point -> solution"))
+    for j, (key, title) in enumerate(pairs):
+        for split, color in (("train", "C0"), ("test", "C3")):
+            r = res[f"{key}@{split}"]
+            axes[0, j].plot(r.alphas, r.loss, color=color, lw=1.3, label=split)
+            axes[1, j].plot(r.alphas, r.error, color=color, lw=1.3, label=split)
+        axes[0, j].set_yscale("log")
+        axes[0, j].set_title(title, fontsize="medium")
+        axes[0, j].set_ylabel("loss")
+        axes[1, j].set_ylabel("error")
+        axes[1, j].set_xlabel(r"$\alpha$")
+        for ax in axes[:, j]:
+            ax.axvline(0, color="0.7", lw=0.6, zorder=0)
+            ax.axvline(1, color="0.7", lw=0.6, zorder=0)
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize="small", frameon=False)
+    ctx.figure(fig, "solutions", "Between two solutions from different seeds, and from a random point to a solution")
+
+    t = traj[0]
+    fig = plot_trajectory(t["proj"], t["walk"], steps=t["steps"],
+                          title=f"seed 0: SGD ({len(t['steps'])} checkpoints) vs a random walk")
+    ctx.figure(fig, "trajectory", "Projection of the training trajectory onto init -> final against the residual, "
+                                  "and a random walk with the same step lengths (their App. B)")
+
+    from numpy.polynomial import Chebyshev
+
+    r, wide, d = res["deep-linear@train"], res["deep-linear-wide@train"], plan.deep_depth
+    a, v = np.asarray(r.alphas), np.asarray(r.loss)
+    aw, vw = np.asarray(wide.alphas), np.asarray(wide.loss)
+    fig = Figure(figsize=(8.4, 3.2), layout="constrained")
+    ax0, ax1 = fig.subplots(1, 2)
+    ax0.plot(a, v, "o", ms=3, color="C0", label="sweep (float64)")
+    fine = np.linspace(a.min(), a.max(), 400)
+    ax0.plot(fine, Chebyshev.fit(aw, vw, 2 * d)(fine), color="C1", lw=1.0,
+             label=f"degree-{2 * d} fit on [{aw.min():g}, {aw.max():g}]")
+    ax0.set_yscale("log")
+    ax0.set_xlabel(r"$\alpha$")
+    ax0.set_ylabel("train loss (squared)")
+    ax0.axvline(0, color="0.7", lw=0.6, zorder=0)
+    ax0.axvline(1, color="0.7", lw=0.6, zorder=0)
+    ax0.legend(fontsize="small", frameon=False)
+    ax0.grid(alpha=0.3)
+    floor = 1e-18  # below float64 rounding of the curve's range: where an exact fit lands
+    for deg, color in ((2 * d - 2, "C2"), (2 * d - 1, "C3"), (2 * d, "C1")):
+        gap = np.abs(Chebyshev.fit(aw, vw, deg)(aw) - vw) / np.ptp(vw)
+        ax1.semilogy(aw, np.maximum(gap, floor), "o-", ms=3, lw=0.6, color=color, label=f"degree {deg}")
+    ax1.set_ylim(floor / 3, 1e-4)
+    ax1.set_xlabel(r"$\alpha$")
+    ax1.set_ylabel("|loss - fit| / range of the loss")
+    ax1.set_title(f"polynomial fits, {len(aw)} points", fontsize="medium")
+    ax1.legend(fontsize="small", frameon=False, ncol=3, loc="upper center")
+    ax1.grid(alpha=0.3)
+    fig.suptitle(f"deep linear net, depth {d}: init -> final")
+    ctx.figure(fig, "deep_linear", f"Deep linear net (depth {d}): the loss along init -> final and polynomial fits "
+                                   "(their §3.1)")
