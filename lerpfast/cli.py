@@ -607,6 +607,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     _add_external(sub, "train", "lerpfast.train.cli", "train models with checkpoint schedules and replicates",
                   command == "train")
     _add_external(sub, "data", "lerpfast.data.cli", "data sets: list, info, write-ffcv", command == "data")
+    _add_external(sub, "warmup", "lerpfast.kernels.warmup", "compile a model's Triton kernels", command == "warmup")
     _add_external(sub, "reproduce", "lerpfast.reproduce", "reproduce a paper's experiments and check its claims",
                   command == "reproduce")
     _add_bench(sub)

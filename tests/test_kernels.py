@@ -290,3 +290,72 @@ def test_bn_fold_matches_batchnorm():
                            torch.zeros(1, 0))
     y = torch.randn(4, 6, 3, 3)
     torch.testing.assert_close(y * scale[0, :, None, None] + shift[0, :, None, None], bn(y), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ tiles
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_small_tiles_cover_many_blocks(monkeypatch, precision):
+    """The launch tiles are a shape heuristic (lerpfast.kernels.tiles), the same under the interpreter: force 16-wide
+    tiles so that rows, output channels and input channels (37 = 3 blocks) each span several blocks, 1x1 and 3x3
+    filters, stride 2, the full epilogue."""
+    from lerpfast.kernels import tiles
+    from lerpfast.kernels.launch import Tile
+
+    small = tiles.Choice("t", "small", Tile.of(4, 2, BLOCK_M=16, BLOCK_O=16, BLOCK_C=16))
+    monkeypatch.setattr(tiles, "conv2d", lambda *a: small)
+    monkeypatch.setattr(tiles, "linear", lambda *a: tiles.Choice("t", "s", Tile.of(4, 2, BLOCK_N=16, BLOCK_O=16,
+                                                                                    BLOCK_I=16)))
+    K, J, M, N, C, CO, H = 3, 2, 2, 2, 37, 33, 7
+    idx, c = _points(K, M, J, seed=61)
+    for ks, stride in ((3, 2), (1, 1)):
+        wa, wd = _slice(M, J, (CO, C, ks, ks), seed=62 + ks)
+        ba, bd = _slice(M, J, (CO,), seed=64)
+        x = torch.randn(K, N, C, H, H, device=DEVICE)
+        OH = (H + 2 * (ks // 2) - ks) // stride + 1
+        kw = dict(bn=(torch.rand(K, CO, device=DEVICE) + 0.5, torch.randn(K, CO, device=DEVICE)),
+                  residual=torch.randn(K, N, CO, OH, OH, device=DEVICE), relu=True)
+        args = (stride, ks // 2, 1)
+        out = kconv.lerp_conv2d(x, wa, wd, idx, c, ba, bd, *args, precision=precision, **kw)
+        same = kconv.lerp_conv2d_ref(x.to(TORCH_DTYPE[precision]), wa, wd, idx, c, ba, bd, *args,
+                                     **{**kw, "residual": kw["residual"].to(TORCH_DTYPE[precision])})
+        ref = kconv.lerp_conv2d_ref(x.double(), wa, wd, idx, c, ba, bd, *args, dtype=torch.float64, **kw)
+        _assert_within(out, same, ref, precision)
+    wa, wd = _slice(M, J, (CO, C), seed=70)
+    x = torch.randn(K, 37, C, device=DEVICE)
+    out = klin.lerp_linear(x, wa, wd, idx, c, precision=precision, relu=True)
+    ref = klin.lerp_linear_ref(x.double(), wa, wd, idx, c, relu=True, dtype=torch.float64)
+    same = klin.lerp_linear_ref(x.to(TORCH_DTYPE[precision]), wa, wd, idx, c, relu=True)
+    _assert_within(out, same, ref, precision)
+
+
+def test_conv_weights_and_inputs_in_any_layout():
+    """NCHW inputs and residuals are read as channels-last copies, weights once as a (.., KH, KW, C) copy: same
+    result as channels-last inputs."""
+    K, J, M, N, C, CO = 3, 1, 2, 2, 5, 6
+    wa, wd = _slice(M, J, (CO, C, 3, 3), seed=81)
+    idx, c = _points(K, M, J, seed=82)
+    x = torch.randn(K, N, C, 6, 6, device=DEVICE)
+    res = torch.randn(K, N, CO, 6, 6, device=DEVICE)
+    a = kconv.lerp_conv2d(x, wa, wd, idx, c, None, None, 1, 1, residual=res, precision="fp32")
+    xl = x.reshape(K * N, C, 6, 6).to(memory_format=torch.channels_last).view(K, N, C, 6, 6)
+    b = kconv.lerp_conv2d(xl, wa, wd, idx, c, None, None, 1, 1, residual=res, precision="fp32")
+    assert torch.equal(a, b)
+    assert kconv._channels_last_weights(wa) is kconv._channels_last_weights(wa)  # cached per weight tensor
+
+
+def test_conv_shared_input_with_unused_anchors_in_inference_mode():
+    """Points that use some anchors only (a bilinear slice's chunk): the used anchors' weights are selected in
+    channels-last order; weights made under inference_mode (no version counter) are not cached."""
+    K, J, M, N, C, CO = 5, 1, 3, 2, 3, 7
+    idx = torch.tensor([2, 2, 0, 2, 0], device=DEVICE)
+    c = torch.rand(K, J, device=DEVICE)
+    x = torch.randn(N, C, 6, 5, device=DEVICE)
+    with torch.inference_mode():
+        wa, wd = _slice(M, J, (CO, C, 3, 3), seed=91)
+        out = kconv.lerp_conv2d(x, wa, wd, idx, c, None, None, 1, 1, shared_input=True, relu=True, precision="fp32")
+        same = kconv.lerp_conv2d_ref(x, wa, wd, idx, c, None, None, 1, 1, shared_input=True, relu=True)
+        ref = kconv.lerp_conv2d_ref(x.double(), wa, wd, idx, c, None, None, 1, 1, shared_input=True, relu=True,
+                                    dtype=torch.float64)
+    _assert_within(out, same, ref, "fp32")

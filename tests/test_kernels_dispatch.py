@@ -1,5 +1,6 @@
 """lerpfast.engine.dispatch: CPU always on torch, LERPFAST_BACKEND forcing, choice by measurement."""
 
+import json
 import os
 import warnings
 
@@ -133,8 +134,97 @@ def test_gpu_automatic_choice_is_cached_and_correct():
     to = lambda p: F.ParamSlice(p.anchors.cuda(), p.dirs.cuda())  # noqa: E731
     x, w, b, pts = x.cuda(), to(w), to(b), pts.to("cuda")
     torch.set_float32_matmul_precision("highest")
-    out = dispatch.lerp_linear(x, w, b, pts)
+    out = dispatch.lerp_linear(x, w, b, pts)  # torch while the triton candidate compiles in the background
+    torch.testing.assert_close(out, F.lerp_linear(x, w, b, pts), rtol=1e-4, atol=1e-4)
+    assert dispatch.wait(timeout=600)
+    out = dispatch.lerp_linear(x, w, b, pts)  # measures, then runs the choice
     torch.testing.assert_close(out, F.lerp_linear(x, w, b, pts), rtol=1e-4, atol=1e-4)
     dispatch.lerp_linear(x, w, b, pts)
-    assert sum(dispatch.report()["lerp_linear"].values()) == 2
-    assert len(dispatch._CACHE) == 1
+    assert sum(dispatch.report()["lerp_linear"].values()) == 3
+    assert len(dispatch._CACHE) == 1 and dispatch.pending() == 0
+
+
+# ------------------------------------------------------------------------------------------ cold start (issue 9)
+
+
+@pytest.fixture
+def measured_cpu(monkeypatch, tmp_path):
+    """The automatic CUDA logic on CPU tensors: triton (interpreter) and torch only, a private dispatch table,
+    no compile futures from other tests."""
+    if os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available():
+        pytest.skip("needs the interpreter (CPU only)")
+    monkeypatch.setenv("LERPFAST_CACHE", str(tmp_path))
+    monkeypatch.setattr(dispatch, "_MEASURED", ("cuda", "cpu"))
+    monkeypatch.setattr(dispatch, "_COMPILING", {})
+    real = dispatch._unavailable
+    monkeypatch.setattr(dispatch, "_unavailable", lambda name, device: "off" if name == "cuda" else real(name, device))
+    return tmp_path
+
+
+@pytest.mark.filterwarnings("ignore:lerpfast. backend cuda unavailable")
+def test_first_calls_run_torch_while_triton_compiles(monkeypatch, measured_cpu):
+    """No call waits on a compile: torch runs until the triton candidate's kernels are compiled (in background
+    threads), then the choice is measured once, stored per device, and a new process reuses it unmeasured."""
+    import threading
+
+    gate, compiled = threading.Event(), []
+
+    def compile_variant(ln, device):
+        assert gate.wait(30)
+        compiled.append(ln)
+
+    monkeypatch.setattr(dispatch, "_compile_variant", compile_variant)
+    times = iter([3.0, 1.0])  # torch, then triton
+    monkeypatch.setattr(dispatch, "_bench", lambda fn, reps=5: (fn(), next(times))[1])
+    x, w, b, pts = _layer(K=3, N=5, IN=37, OUT=17)
+    ref = F.lerp_linear(x, w, b, pts)
+    for _ in range(2):
+        assert torch.equal(dispatch.lerp_linear(x, w, b, pts), ref)  # torch, bit for bit
+    assert dispatch.report() == {"lerp_linear": {"torch": 2}} and dispatch.pending() == 1
+    gate.set()
+    assert dispatch.wait(timeout=30)
+    assert len(compiled) == 1 and compiled[0].name == "_lerp_linear_fwd_kernel"
+    torch.testing.assert_close(dispatch.lerp_linear(x, w, b, pts), ref, rtol=1e-5, atol=1e-4)
+    assert dispatch.report() == {"lerp_linear": {"torch": 2, "triton": 1}} and dispatch.pending() == 0
+    table = json.loads(next(measured_cpu.glob("dispatch-*.json")).read_text())
+    assert list(table["choices"].values()) == ["triton"]
+
+    dispatch.reset()  # a new process: the stored choice, nothing measured
+    monkeypatch.setattr(dispatch, "_bench", lambda fn, reps=5: pytest.fail("measured again"))
+    dispatch.lerp_linear(x, w, b, pts)  # (the kernel variant is compiled already: ready at once)
+    assert dispatch.report() == {"lerp_linear": {"triton": 1}}
+
+
+@pytest.mark.filterwarnings("ignore:lerpfast. backend cuda unavailable")
+def test_failed_compile_drops_the_candidate(monkeypatch, measured_cpu):
+    def compile_variant(ln, device):
+        raise RuntimeError("ptxas: out of registers")
+
+    monkeypatch.setattr(dispatch, "_compile_variant", compile_variant)
+    monkeypatch.setattr(dispatch, "_bench", lambda fn, reps=5: 1.0)
+    xc = torch.randn(3, 1, 2, 5, 5)
+    wc = F.ParamSlice(torch.randn(2, 4, 2, 3, 3), torch.randn(2, 4, 2, 3, 3))
+    _, _, _, pts = _layer()
+    ref = F.lerp_conv(xc, wc, None, pts, 1, 1, 1, 1)
+    dispatch.lerp_conv(xc, wc, None, pts, 1, 1, 1, 1)
+    assert dispatch.wait(timeout=30)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        torch.testing.assert_close(dispatch.lerp_conv(xc, wc, None, pts, 1, 1, 1, 1), ref)
+    assert any("compiling lerp_conv on triton failed" in str(r.message) for r in rec)
+    assert dispatch.report() == {"lerp_conv": {"torch": 2}}
+    assert list(dispatch._CACHE.values()) == ["torch"]
+
+
+def test_planning_records_without_running(monkeypatch):
+    """Planning mode: ops on meta tensors take the CUDA path (the triton candidate), described and not run."""
+    from lerpfast.kernels import launch
+
+    x, w, b, pts = _layer(K=3, N=5, IN=37, OUT=17)
+    meta = lambda t: t.to("meta")  # noqa: E731
+    wm, bm = F.ParamSlice(meta(w.anchors), meta(w.dirs)), F.ParamSlice(meta(b.anchors), meta(b.dirs))
+    with dispatch.planning(torch.bfloat16), launch.recording(dry=True) as rec:
+        out = dispatch.lerp_linear_fused(meta(x), wm, bm, F.Points(meta(pts.anchor_idx), meta(pts.coefs)), relu=True)
+    assert out.device.type == "meta" and out.dtype == torch.bfloat16  # autocast's dtype, as on the GPU
+    assert [ln.name for ln in rec.launches] == ["_lerp_linear_fwd_kernel"]
+    assert dict(rec.launches[0].constexprs)["DOT"] == 2 and dispatch.report() == {}

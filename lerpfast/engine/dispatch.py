@@ -12,10 +12,16 @@ signatures of :mod:`lerpfast.engine.functional`. Backends:
                  its CPU kernels on CPU tensors. Linear only.
 
 Automatic choice (CUDA tensors): on the first call with a new shape key (op, shapes, dtypes, flags, tf32
-setting) every available candidate is run, checked against the torch path (max error within 2e-2 relative
-for bf16/tf32, 1e-4 for fp32) and timed (CUDA events, best of 5 after a warm-up); the fastest correct one is
-cached for that key. A candidate that raises or is wrong is dropped with one warning. Nothing is measured
-while a CUDA graph is being captured or torch.compile is tracing: those calls use the cached choice or torch.
+setting) the triton candidate's kernels are described without running them (:func:`lerpfast.kernels.launch.
+recording`) and compiled in background threads; until they are ready, calls with that key run torch, so no
+sweep waits on compiling a candidate that may lose. Once every candidate is ready, each is run, checked
+against the torch path (max error within 2e-2 relative for bf16/tf32, 1e-4 for fp32) and timed (CUDA events,
+best of 5 after a warm-up); the fastest correct one is cached for that key and stored in the per-device table
+``$LERPFAST_CACHE/dispatch-<device>.json`` (default ``~/.cache/lerpfast``; versions of lerpfast, torch and
+triton are part of it), which later processes read instead of measuring (a stored triton choice still compiles
+in the background first). A candidate that raises, fails to compile or is wrong is dropped with one warning.
+Nothing is measured while a CUDA graph is being captured or torch.compile is tracing: those calls use the
+cached choice or torch. ``LERPFAST_DISPATCH_TABLE=0`` turns the table off.
 
 ``LERPFAST_BACKEND=triton|cuda|torch`` forces a backend: it raises :class:`BackendUnavailable` when that
 backend cannot run on this machine (no triton / no GPU without ``TRITON_INTERPRET=1`` / extension not built);
@@ -25,10 +31,15 @@ counts it. ``LERPFAST_BACKEND=auto`` (or unset) is the automatic choice.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import json
 import os
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -37,7 +48,8 @@ from lerpfast.engine.functional import ParamSlice, Points
 from lerpfast.kernels._ref import bn_fold, epilogue_ref
 
 __all__ = ["BackendUnavailable", "lerp_linear", "lerp_conv", "lerp_linear_fused", "lerp_conv_fused",
-           "point_metrics", "point_metrics_torch", "bn_fold", "forced_backend", "report", "reset"]
+           "point_metrics", "point_metrics_torch", "bn_fold", "forced_backend", "report", "reset", "pending", "wait",
+           "planning"]
 
 BACKENDS = ("triton", "cuda", "torch")
 _CACHE: dict[tuple, str] = {}  # shape key -> chosen backend
@@ -73,10 +85,31 @@ def report() -> dict[str, dict[str, int]]:
     return out
 
 
+def pending() -> int:
+    """Shape keys whose candidates are still compiling in the background (their calls run torch meanwhile)."""
+    return len(_PENDING)
+
+
+def wait(timeout: float | None = None) -> bool:
+    """Block until every background compile started so far has finished (True), or ``timeout`` seconds passed.
+
+    The next call of each pending shape key then measures and settles its choice. For benchmarks that time the
+    steady state after a first call, and for tests.
+    """
+    import concurrent.futures as cf
+
+    with _LOCK:
+        futs = list(_COMPILING.values())
+    done, not_done = cf.wait(futs, timeout=timeout)
+    return not not_done
+
+
 def reset() -> None:
     """Forget the measured choices and the call counts (e.g. after changing torch's tf32 setting)."""
     _CACHE.clear()
     _USED.clear()
+    _PENDING.clear()
+    _TABLES.clear()
 
 
 # ------------------------------------------------------------------------------------------ availability
@@ -129,7 +162,7 @@ def _in_capture_or_trace() -> bool:
 
 
 def _bench(fn: Callable[[], torch.Tensor], reps: int = 5) -> float:
-    fn()  # warm-up: Triton autotuning and compilation happen here
+    fn()  # warm-up (kernels are compiled before measuring; LERPFAST_AUTOTUNE=1 tunes here)
     torch.cuda.synchronize()
     best = float("inf")
     for _ in range(reps):
@@ -157,9 +190,201 @@ def _tf32_on() -> bool:
     return torch.get_float32_matmul_precision() != "highest"
 
 
+# ------------------------------------------------------------------------------------------ planning
+
+
+_PLAN: contextvars.ContextVar[dict | None] = contextvars.ContextVar("lerpfast_dispatch_plan", default=None)
+
+
+@contextlib.contextmanager
+def planning(autocast: torch.dtype | None = None):
+    """Run the ops as a first sweep on a GPU would, without a GPU (:func:`lerpfast.kernels.warmup.plan`).
+
+    Inside, ops on ``meta`` tensors take the path a CUDA device takes in automatic mode: the triton candidate is
+    called — to be recorded, inside ``lerpfast.kernels.launch.recording(dry=True)`` — or, where there is none,
+    the torch path; ``autocast`` stands for the bf16 autocast a sweep enters on the GPU (autocast does not apply
+    to meta tensors).
+    """
+    token = _PLAN.set({"autocast": autocast})
+    try:
+        yield
+    finally:
+        _PLAN.reset(token)
+
+
+def _planned(device: torch.device) -> dict | None:
+    plan = _PLAN.get()
+    return plan if (plan is not None and device.type == "meta") else None
+
+
+def _run_planned(plan: dict, candidates: dict[str, Callable | None], torch_fn: Callable):
+    fn = candidates.get("triton")
+    if fn is not None:
+        return fn()
+    out = torch_fn()
+    ac = plan["autocast"]
+    if ac is not None and torch.is_tensor(out) and out.dtype == torch.float32:
+        out = out.to(ac)  # what the matmul / conv of the torch path returns under autocast
+    return out
+
+
+# ------------------------------------------------------------------------------------------ background compile
+
+
+_PENDING: dict[tuple, dict] = {}  # full key -> {"futures": {backend: [Future]}, "failed": set(), "stored": choice}
+_COMPILING: dict[tuple, Future] = {}  # kernel variant (Launch.key()) -> its compile, shared by all shape keys
+_EXECUTOR: ThreadPoolExecutor | None = None
+_LOCK = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        n = int(os.environ.get("LERPFAST_COMPILE_THREADS", 0)) or min(8, os.cpu_count() or 1)
+        _EXECUTOR = ThreadPoolExecutor(max_workers=n, thread_name_prefix="lerpfast-compile")
+    return _EXECUTOR
+
+
+def _compile_variant(ln, device: torch.device) -> None:
+    """Compile one kernel variant into the JIT cache of ``device`` (runs in a background thread)."""
+    from lerpfast.kernels import launch
+
+    res = launch.warm([ln], workers=1, device=device)[0]
+    if res["error"]:
+        raise RuntimeError(res["error"])
+
+
+def _submit(ln, device: torch.device) -> Future:
+    """The compile of kernel variant ``ln`` on ``device``: started once, shared by every shape key that needs it."""
+    k = (str(device),) + ln.key()
+    with _LOCK:
+        fut = _COMPILING.get(k)
+        if fut is None or (fut.done() and fut.exception() is not None):
+            fut = _executor().submit(_compile_variant, ln, device)
+            _COMPILING[k] = fut
+        return fut
+
+
+def _prepare(name: str, fn: Callable, device: torch.device) -> list[Future]:
+    """Start compiling what candidate ``fn`` launches (described by a dry run) in the background."""
+    from lerpfast.kernels import launch
+
+    if name != "triton":
+        return []  # prebuilt kernels: nothing to compile
+    with launch.recording(dry=True) as rec:
+        fn()
+    return [_submit(ln, device) for ln in launch.unique(rec.launches)]
+
+
+def _pending_state(op: str, full_key: tuple, device: torch.device, candidates: dict[str, Callable | None],
+                   stored: str | None) -> dict:
+    state = {"futures": {}, "failed": set(), "stored": stored}
+    for name, fn in candidates.items():
+        if fn is None or _unavailable(name, device) is not None:
+            continue
+        if stored is not None and name != stored:
+            continue
+        try:
+            state["futures"][name] = _prepare(name, fn, device)
+        except Exception as exc:
+            _warn_once(f"{op}:{name}:err", f"lerpfast: {op} on {name} failed ({exc!r}); falling back")
+            state["failed"].add(name)
+    return state
+
+
+def _ready(op: str, state: dict) -> bool:
+    """True when every candidate's kernels have compiled (failed ones are dropped with a warning)."""
+    for name, futs in list(state["futures"].items()):
+        if not all(f.done() for f in futs):
+            return False
+        errs = [f.exception() for f in futs if f.exception() is not None]
+        if errs:
+            _warn_once(f"{op}:{name}:compile", f"lerpfast: compiling {op} on {name} failed ({errs[0]!r}); not used")
+            state["failed"].add(name)
+            del state["futures"][name]
+    return True
+
+
+# ------------------------------------------------------------------------------------------ per-device table
+
+
+_TABLES: dict[str, dict] = {}
+
+
+def _table_enabled() -> bool:
+    return os.environ.get("LERPFAST_DISPATCH_TABLE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _table_path(device: torch.device):
+    from lerpfast.kernels.tiles import cache_dir, device_tag
+
+    return cache_dir() / f"dispatch-{device_tag(device)}.json"
+
+
+def _versions() -> dict:
+    from lerpfast._version import __version__
+
+    out = {"lerpfast": __version__, "torch": torch.__version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+def _table(device: torch.device) -> dict:
+    path = str(_table_path(device))
+    if path not in _TABLES:
+        entries = {}
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            if data.get("versions") == _versions():
+                entries = data.get("choices", {})
+        except (OSError, ValueError):
+            pass
+        _TABLES[path] = entries
+    return _TABLES[path]
+
+
+def _stored_choice(device: torch.device, full_key: tuple) -> str | None:
+    if not _table_enabled():
+        return None
+    choice = _table(device).get(repr(full_key))
+    return choice if choice in BACKENDS else None
+
+
+def _store_choice(device: torch.device, full_key: tuple, choice: str) -> None:
+    if not _table_enabled():
+        return
+    try:
+        path = _table_path(device)
+        with _LOCK:
+            table = _table(device)
+            table[repr(full_key)] = choice
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"versions": _versions(), "choices": table}, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+    except OSError as exc:
+        _warn_once("table", f"lerpfast: cannot write the dispatch table ({exc}); choices are not kept")
+
+
+# ------------------------------------------------------------------------------------------ running an op
+
+
+#: device types on which the automatic mode measures (the tests add "cpu", with fake timings)
+_MEASURED = ("cuda",)
+
+
 def _run(op: str, key: tuple, device: torch.device, candidates: dict[str, Callable | None],
          torch_fn: Callable):
     """Run ``op`` on the backend chosen for ``key``; ``candidates`` maps backend -> thunk (None: unsupported)."""
+    plan = _planned(device)
+    if plan is not None:
+        return _run_planned(plan, candidates, torch_fn)
     forced = forced_backend()
     if forced is not None:
         why = _unavailable(forced, device)
@@ -171,7 +396,7 @@ def _run(op: str, key: tuple, device: torch.device, candidates: dict[str, Callab
             return torch_fn()
         _USED[(op, forced)] += 1
         return fn()
-    if device.type != "cuda":
+    if device.type not in _MEASURED:
         _USED[(op, "torch")] += 1
         return torch_fn()
     full_key = (op, _tf32_on(), _autocast_dtype(device)) + key
@@ -180,7 +405,26 @@ def _run(op: str, key: tuple, device: torch.device, candidates: dict[str, Callab
         if _in_capture_or_trace():
             _USED[(op, "torch")] += 1
             return torch_fn()
-        choice = _measure(op, device, candidates, torch_fn)
+        state = _PENDING.get(full_key)
+        if state is None:
+            stored = _stored_choice(device, full_key)
+            if stored == "torch" or (stored is not None and candidates.get(stored) is None):
+                state = None
+                choice = "torch"
+            else:
+                state = _pending_state(op, full_key, device, candidates, stored)
+                _PENDING[full_key] = state
+        if choice is None:
+            if not _ready(op, state):
+                _USED[(op, "torch")] += 1  # kernels still compiling: torch meanwhile
+                return torch_fn()
+            del _PENDING[full_key]
+            usable = {n: (f if n not in state["failed"] else None) for n, f in candidates.items()}
+            if state["stored"] is not None and usable.get(state["stored"]) is not None:
+                choice = state["stored"]
+            else:
+                choice = _measure(op, device, usable, torch_fn)
+                _store_choice(device, full_key, choice)
         _CACHE[full_key] = choice
     fn = torch_fn if choice == "torch" else candidates[choice]
     try:
@@ -226,7 +470,11 @@ def _anchors(p: ParamSlice | None):
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype active for ``device`` (the sweep's bf16 mode), or None."""
+    """The autocast dtype active for ``device`` (the sweep's bf16 mode), or None (meta tensors while
+    :func:`planning`: the autocast the plan stands for)."""
+    plan = _planned(device)
+    if plan is not None:
+        return plan["autocast"]
     try:
         if torch.is_autocast_enabled(device.type):
             return torch.get_autocast_dtype(device.type)
@@ -242,6 +490,14 @@ def _kernel_input(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.float32 and _autocast_dtype(x.device) == torch.bfloat16:
         return x.to(torch.bfloat16)
     return x
+
+
+def _used(pts: Points, shared_input: bool):
+    """The points' distinct anchors and each point's position among them (cached on the Points), for the shared-input
+    form of the kernels."""
+    if not shared_input or not hasattr(pts, "used_anchors"):
+        return None
+    return pts.used_anchors()
 
 
 def _triton_shape_ok(x: torch.Tensor, w: ParamSlice, pts: Points) -> bool:
@@ -287,7 +543,7 @@ def lerp_linear_fused(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts:
             from lerpfast.kernels.lerp_linear import lerp_linear as kernel
 
             return kernel(_kernel_input(x), w.anchors, w.dirs, pts.anchor_idx, pts.coefs, _anchors(b), _dirs(b),
-                          shared_input=shared_input, bn=bn, residual=residual, relu=relu)
+                          shared_input=shared_input, bn=bn, residual=residual, relu=relu, used=_used(pts, shared_input))
 
         candidates["triton"] = triton_fn
 
@@ -342,7 +598,8 @@ def lerp_conv_fused(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: P
             from lerpfast.kernels.lerp_conv import lerp_conv2d
 
             return lerp_conv2d(_kernel_input(x), w.anchors, w.dirs, pts.anchor_idx, pts.coefs, _anchors(b), _dirs(b),
-                               stride, pad, dilation, shared_input=shared_input, bn=bn, residual=residual, relu=relu)
+                               stride, pad, dilation, shared_input=shared_input, bn=bn, residual=residual, relu=relu,
+                               used=_used(pts, shared_input))
 
         candidates["triton"] = triton_fn
     key = _shape_key(x, w.anchors, w.dirs, _anchors(b), pts.coefs, residual) + (

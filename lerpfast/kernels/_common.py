@@ -1,4 +1,4 @@
-"""Helpers shared by the Triton kernels: precision codes, bf16 rounding, autotune configs.
+"""Helpers shared by the Triton kernels: precision codes, bf16 rounding, the tile combine and epilogue pieces.
 
 Everything here is importable on a CPU-only machine with triton installed; the kernels then run under
 ``TRITON_INTERPRET=1`` (the tests set it before triton is imported).
@@ -131,8 +131,12 @@ def bn_affine(acc, SCALE_ptr, SHIFT_ptr, k, stride_sk, ro, mask_o):
 
 @triton.jit
 def bias_bn(acc, k, a, ro, mask_o, c0, c1, c2, BA_ptr, stride_bam, BD_ptr, stride_bdj, SCALE_ptr, SHIFT_ptr, stride_sk,
-            HAS_BIAS: tl.constexpr, JB: tl.constexpr, HAS_BN: tl.constexpr):
-    """Epilogue head on an (rows, ro) fp32 tile of point k (anchor a): + the point's bias, then its BN affine."""
+            HAS_BIAS: tl.constexpr, JB: tl.constexpr, HAS_BN):
+    """Epilogue head on an (rows, ro) fp32 tile of point k (anchor a): + the point's bias, then its BN affine.
+
+    ``HAS_BN`` (like ``HAS_RES`` and ``RELU`` of the kernels) is a runtime flag: one uniform branch per output
+    tile costs nothing beside the GEMM, and every combination of the epilogue shares one compiled kernel.
+    """
     if HAS_BIAS:
         acc += combine_tile(BA_ptr + a * stride_bam + ro, BD_ptr + ro, stride_bdj, mask_o, c0, c1, c2, JB)[None, :]
     if HAS_BN:
@@ -141,7 +145,7 @@ def bias_bn(acc, k, a, ro, mask_o, c0, c1, c2, BA_ptr, stride_bam, BD_ptr, strid
 
 
 @triton.jit
-def finish(acc, RELU: tl.constexpr, OUT_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
+def finish(acc, RELU, OUT_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """ReLU, and bf16 round-to-nearest-even where the interpreter's store would truncate."""
     if RELU:
         acc = tl.maximum(acc, 0.0)

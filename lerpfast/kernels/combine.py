@@ -13,12 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-from lerpfast.kernels._common import launch_options, points_coefs
+from lerpfast.kernels._common import points_coefs
+from lerpfast.kernels.launch import Tile, kernel, launch
 
 __all__ = ["combine", "combine_ref"]
 
 
-@triton.jit
+@kernel()
 def _combine_kernel(A_ptr, stride_am, D_ptr, stride_dj, IDX_ptr, C_ptr, stride_ck, Y_ptr, stride_yk, S,
                     J: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -54,9 +55,9 @@ def combine(anchors: torch.Tensor, dirs: torch.Tensor | None, anchor_idx: torch.
     d2 = dirs.reshape(dirs.shape[0], S).contiguous() if J else a2
     c = points_coefs(coefs, J)
     out = torch.empty((K, S), dtype=out_dtype or torch.float32, device=anchors.device)
-    grid = (triton.cdiv(S, block), K)
-    _combine_kernel[grid](a2, a2.stride(0), d2, d2.stride(0) if J else 0, anchor_idx.contiguous(), c, c.stride(0),
-                          out, out.stride(0), S, J=J, BLOCK=block, **launch_options())
+    launch(_combine_kernel, lambda b: (triton.cdiv(S, b["BLOCK"]), K),
+           (a2, a2.stride(0), d2, d2.stride(0) if J else 0, anchor_idx.contiguous(), c, c.stride(0), out, out.stride(0),
+            S), dict(J=J), Tile.of(4, 1, BLOCK=block))
     return out.reshape(K, *anchors.shape[1:])
 
 

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lerpfast.kernels import tiles
 from lerpfast.kernels._common import (
     INTERPRET,
     as_operand,
@@ -31,32 +32,18 @@ from lerpfast.kernels._common import (
     combine_tile,
     dot_code,
     finish,
-    launch_options,
     load_coefs,
     mma,
     points_coefs,
 )
 from lerpfast.kernels._ref import bn_fold, epilogue_ref
 from lerpfast.kernels._ref import combine_ref_dtype as _combine_ref
+from lerpfast.kernels.launch import kernel, launch
 
 __all__ = ["lerp_linear", "lerp_linear_ref", "lerp_mix", "lerp_mix_ref", "bn_fold", "epilogue_ref"]
 
 
-def _linear_configs():
-    if INTERPRET:
-        # The interpreter runs every program instance in numpy: one small config, no autotuning.
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_O": 16, "BLOCK_I": 16}, num_warps=4, num_stages=1)]
-    cfgs = []
-    for bn, bo, bi, w, s in [
-        (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3),
-        (128, 128, 64, 8, 3), (32, 64, 64, 4, 4), (64, 32, 64, 4, 4), (16, 64, 128, 4, 3),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_N": bn, "BLOCK_O": bo, "BLOCK_I": bi}, num_warps=w, num_stages=s))
-    return cfgs
-
-
-@triton.autotune(configs=_linear_configs(), key=["N", "IN", "OUT", "K", "J", "DOT"])
-@triton.jit
+@kernel("N")
 def _lerp_linear_fwd_kernel(
     X_ptr, stride_xk, stride_xn, stride_xi,
     WA_ptr, stride_wam, stride_wao, stride_wai,
@@ -66,9 +53,9 @@ def _lerp_linear_fwd_kernel(
     SCALE_ptr, SHIFT_ptr, stride_sk,
     RES_ptr, stride_rk, stride_rn, stride_ro,
     Y_ptr, stride_yk, stride_yn, stride_yo,
-    N, IN, OUT, K,
-    J: tl.constexpr, JB: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    N, IN, OUT,
+    HAS_BN, HAS_RES, RELU,
+    J: tl.constexpr, JB: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT: tl.constexpr, EMULATE_BF16: tl.constexpr, OUT_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
@@ -112,15 +99,7 @@ def _lerp_linear_fwd_kernel(
     tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=mask)
 
 
-def _mix_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_R": 16, "BLOCK_O": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_R": br, "BLOCK_O": bo}, num_warps=w)
-            for br, bo, w in [(32, 128, 4), (64, 64, 4), (16, 256, 4), (128, 64, 8), (8, 512, 4)]]
-
-
-@triton.autotune(configs=_mix_configs(), key=["R", "OUT", "J"])
-@triton.jit
+@kernel("R", "TA")
 def _lerp_mix_kernel(
     B_ptr, stride_bt, stride_br, stride_bo,
     POS_ptr, C_ptr, stride_ck,
@@ -129,8 +108,8 @@ def _lerp_mix_kernel(
     RES_ptr, stride_rk, stride_rr, stride_ro,
     Y_ptr, stride_yk, stride_yr, stride_yo,
     R, OUT, TA,
-    J: tl.constexpr, JB: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    HAS_BN, HAS_RES, RELU,
+    J: tl.constexpr, JB: tl.constexpr, HAS_BIAS: tl.constexpr,
     EMULATE_BF16: tl.constexpr, OUT_BF16: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
@@ -180,7 +159,7 @@ def _bias_args(b_anchors, b_dirs, J, dummy):
 def _bn_args(bn, K, OUT, dummy):
     """Kernel arguments (scale, shift, row stride) of a per-point BN fold (scale, shift), each (K, OUT), or None."""
     if bn is None:
-        return dummy, dummy, 0
+        return dummy, dummy, OUT  # the row stride a real (K, OUT) fold has: same JIT specialization
     scale, shift = (t.to(torch.float32).contiguous() for t in bn)
     if scale.shape != (K, OUT) or shift.shape != (K, OUT):
         raise ValueError(f"bn scale/shift must be (K, out) = ({K}, {OUT}), got {tuple(scale.shape)}, "
@@ -188,14 +167,15 @@ def _bn_args(bn, K, OUT, dummy):
     return scale, shift, scale.stride(0)
 
 
-def _epi_args(bn, residual3, K, OUT, dummy):
-    """bn: (scale (K, OUT), shift (K, OUT)) fp32 or None; residual3: (K, R, OUT) view or None."""
+def _epi_args(bn, residual3, K, OUT, dummy, out):
+    """bn: (scale (K, OUT), shift (K, OUT)) fp32 or None; residual3: (K, R, OUT) view or None.
+
+    Without a residual the output stands in for it (never read: HAS_RES is off): its dtype and strides are those
+    a residual would have, so layers with and without one share a compiled kernel (a dummy with strides 0
+    would differ in the JIT's specialization: a stride of 1 is a constant, 0 is not)."""
     s_args = _bn_args(bn, K, OUT, dummy)
-    if residual3 is not None:
-        r_args = (residual3, residual3.stride(0), residual3.stride(1), residual3.stride(2))
-    else:
-        r_args = (dummy, 0, 0, 0)
-    return s_args, r_args
+    r = residual3 if residual3 is not None else out
+    return s_args, (r, r.stride(0), r.stride(1), r.stride(2))
 
 
 def lerp_mix(basis: torch.Tensor, pos: torch.Tensor, n_anchor_rows: int, anchor_idx: torch.Tensor,
@@ -226,19 +206,19 @@ def lerp_mix(basis: torch.Tensor, pos: torch.Tensor, n_anchor_rows: int, anchor_
     dummy = basis
     c = points_coefs(coefs[:, :J] if J else coefs, J)
     ba, sba, bd, sbd, JB = _bias_args(b_anchors, b_dirs, J, dummy)
-    (sc, sh, ssk), (res, srk, srr, sro) = _epi_args(bn, residual, K, OUT, dummy)
-    grid = lambda meta: (triton.cdiv(R, meta["BLOCK_R"]) * triton.cdiv(OUT, meta["BLOCK_O"]), K)
-    _lerp_mix_kernel[grid](
-        basis, basis.stride(0), basis.stride(1), basis.stride(2),
-        pos, c, c.stride(0),
-        ba, sba, bd, sbd, anchor_idx,
-        sc, sh, ssk,
-        res, srk, srr, sro,
-        out, out.stride(0), out.stride(1), out.stride(2),
-        R, OUT, n_anchor_rows,
-        J=J, JB=JB, HAS_BIAS=b_anchors is not None, HAS_BN=bn is not None, HAS_RES=residual is not None,
-        RELU=relu, EMULATE_BF16=INTERPRET, OUT_BF16=out.dtype == torch.bfloat16, **launch_options(),
-    )
+    (sc, sh, ssk), (res, srk, srr, sro) = _epi_args(bn, residual, K, OUT, dummy, out)
+    args = (basis, basis.stride(0), basis.stride(1), basis.stride(2),
+            pos, c, c.stride(0),
+            ba, sba, bd, sbd, anchor_idx,
+            sc, sh, ssk,
+            res, srk, srr, sro,
+            out, out.stride(0), out.stride(1), out.stride(2),
+            R, OUT, n_anchor_rows,
+            bn is not None, residual is not None, bool(relu))
+    consts = dict(J=J, JB=JB, HAS_BIAS=b_anchors is not None, EMULATE_BF16=INTERPRET,
+                  OUT_BF16=out.dtype == torch.bfloat16)
+    launch(_lerp_mix_kernel, lambda b: (triton.cdiv(R, b["BLOCK_R"]) * triton.cdiv(OUT, b["BLOCK_O"]), K), args,
+           consts, tiles.mix(R, OUT))
     return out
 
 
@@ -250,21 +230,21 @@ def _linear_launch(x3, wa, wd, ba, bd, anchor_idx, coefs, bn, residual, relu, do
     c = points_coefs(coefs[:, :J] if J else coefs, J)
     wd_ = wd if J else dummy
     bap, sba, bdp, sbd, JB = _bias_args(ba, bd, J, dummy)
-    (sc, sh, ssk), (res, srk, srn, sro) = _epi_args(bn, residual, K, OUT, dummy)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(OUT, meta["BLOCK_O"]), K)
-    _lerp_linear_fwd_kernel[grid](
-        x3, x3.stride(0), x3.stride(1), x3.stride(2),
-        wa, wa.stride(0), wa.stride(1), wa.stride(2),
-        wd_, wd_.stride(0) if J else 0, wd_.stride(1) if J else 0, wd_.stride(2) if J else 0,
-        bap, sba, bdp, sbd,
-        anchor_idx, c, c.stride(0),
-        sc, sh, ssk,
-        res, srk, srn, sro,
-        out, out.stride(0), out.stride(1), out.stride(2),
-        N, IN, OUT, K,
-        J=J, JB=JB, HAS_BIAS=ba is not None, HAS_BN=bn is not None, HAS_RES=residual is not None, RELU=relu,
-        DOT=dot, EMULATE_BF16=INTERPRET, OUT_BF16=out.dtype == torch.bfloat16, **launch_options(),
-    )
+    (sc, sh, ssk), (res, srk, srn, sro) = _epi_args(bn, residual, K, OUT, dummy, out)
+    args = (x3, x3.stride(0), x3.stride(1), x3.stride(2),
+            wa, wa.stride(0), wa.stride(1), wa.stride(2),
+            wd_, wd_.stride(0) if J else 0, wd_.stride(1) if J else 0, wd_.stride(2) if J else 0,
+            bap, sba, bdp, sbd,
+            anchor_idx, c, c.stride(0),
+            sc, sh, ssk,
+            res, srk, srn, sro,
+            out, out.stride(0), out.stride(1), out.stride(2),
+            N, IN, OUT,
+            bn is not None, residual is not None, bool(relu))
+    consts = dict(J=J, JB=JB, HAS_BIAS=ba is not None, DOT=dot, EMULATE_BF16=INTERPRET,
+                  OUT_BF16=out.dtype == torch.bfloat16)
+    launch(_lerp_linear_fwd_kernel, lambda b: (triton.cdiv(N, b["BLOCK_N"]) * triton.cdiv(OUT, b["BLOCK_O"]), K),
+           args, consts, tiles.linear(N, IN, OUT, dot))
     return out
 
 
@@ -272,7 +252,7 @@ def lerp_linear(x: torch.Tensor, w_anchors: torch.Tensor, w_dirs: torch.Tensor |
                 coefs: torch.Tensor, b_anchors: torch.Tensor | None = None, b_dirs: torch.Tensor | None = None, *,
                 shared_input: bool = False, bn: tuple[torch.Tensor, torch.Tensor] | None = None,
                 residual: torch.Tensor | None = None, relu: bool = False,
-                precision: str | None = None) -> torch.Tensor:
+                precision: str | None = None, used: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Fused multi-point linear layer (Triton).
 
     Parameters
@@ -285,6 +265,7 @@ def lerp_linear(x: torch.Tensor, w_anchors: torch.Tensor, w_dirs: torch.Tensor |
     residual : (K, N, out) added before the ReLU.
     relu : apply ReLU last.
     precision : "fp32" | "tf32" | "bf16"; None follows x's dtype and torch's tf32 setting.
+    used : ``torch.unique(anchor_idx, return_inverse=True)`` when the caller has it (shared input; saves a sync).
 
     Returns
     -------
@@ -297,23 +278,24 @@ def lerp_linear(x: torch.Tensor, w_anchors: torch.Tensor, w_dirs: torch.Tensor |
     anchor_idx = anchor_idx.contiguous()
     if shared_input:
         N = x.shape[0]
-        used = torch.unique(anchor_idx)  # (Mu,) sorted
-        T = used.numel() + J
+        used, pos = used if used is not None else torch.unique(anchor_idx, return_inverse=True)  # (Mu,) sorted
+        Mu = used.numel()
+        T = Mu + J
         if T < K:
             # Basis products over the N shared rows once, kept in fp32 so mixing adds no rounding step.
             basis = torch.empty((T, N, OUT), dtype=torch.float32, device=x.device)
-            ones_idx = torch.arange(used.numel(), device=x.device)
-            no_c = torch.zeros((used.numel(), 1), dtype=torch.float32, device=x.device)
-            _linear_launch(x.unsqueeze(0).expand(used.numel(), -1, -1), w_anchors.index_select(0, used), None,
-                           None, None, ones_idx, no_c, None, None, False, dot, basis[: used.numel()])
+            w_used = w_anchors if Mu == w_anchors.shape[0] else w_anchors.index_select(0, used.to(x.device))
+            _linear_launch(x.unsqueeze(0).expand(Mu, -1, -1), w_used, None, None, None,
+                           torch.arange(Mu, device=x.device),
+                           torch.zeros((Mu, 1), dtype=torch.float32, device=x.device),
+                           None, None, False, dot, basis[:Mu])
             if J:
                 jj = torch.arange(J, device=x.device)
                 _linear_launch(x.unsqueeze(0).expand(J, -1, -1), w_dirs[:J], None, None, None, jj,
                                torch.zeros((J, 1), dtype=torch.float32, device=x.device), None, None, False, dot,
-                               basis[used.numel():])
-            pos = torch.searchsorted(used, anchor_idx)
-            return lerp_mix(basis, pos, used.numel(), anchor_idx, coefs, b_anchors, b_dirs, bn=bn,
-                            residual=residual, relu=relu, out_dtype=x.dtype)
+                               basis[Mu:])
+            return lerp_mix(basis, pos, Mu, anchor_idx, coefs, b_anchors, b_dirs, bn=bn, residual=residual,
+                            relu=relu, out_dtype=x.dtype)
         x = x.unsqueeze(0).expand(K, -1, -1)  # stride 0 over points: T >= K, nothing to share
     out = torch.empty((K, x.shape[1], OUT), dtype=x.dtype, device=x.device)
     return _linear_launch(x, w_anchors, w_dirs, b_anchors, b_dirs, anchor_idx, coefs, bn, residual, relu, dot, out)

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lerpfast.kernels._common import INTERPRET, launch_options
+from lerpfast.kernels._common import INTERPRET
+from lerpfast.kernels.launch import Tile, kernel, launch
 
 __all__ = ["point_metrics", "point_metrics_ref", "METRIC_NAMES"]
 
@@ -37,7 +38,7 @@ def _first_argmax(z, cols, BLOCK_C: tl.constexpr):
     return tl.min(cand, axis=1), zmax
 
 
-@triton.jit
+@kernel("N")
 def _point_metrics_kernel(
     Z_ptr, stride_zk, stride_zn, stride_zc,
     T_ptr,
@@ -118,11 +119,10 @@ def point_metrics(logits: torch.Tensor, target: torch.Tensor, ref_logits: torch.
     partial = torch.empty((K, nb, 5), dtype=torch.float32, device=logits.device)
     target = target.contiguous()
     ref = ref_logits if ref_logits is not None else logits[0]
-    _point_metrics_kernel[(nb, K)](
-        logits, *logits.stride(), target, ref, ref.stride(0), ref.stride(1), partial, partial.stride(0),
-        partial.stride(1), N, C, HAS_REF=ref_logits is not None, BLOCK_N=block_n, BLOCK_C=BLOCK_C,
-        num_warps=4, **launch_options(),
-    )
+    launch(_point_metrics_kernel, lambda b: (nb, K),
+           (logits, *logits.stride(), target, ref, ref.stride(0), ref.stride(1), partial, partial.stride(0),
+            partial.stride(1), N, C), dict(HAS_REF=ref_logits is not None),
+           Tile.of(4, 1, BLOCK_N=block_n, BLOCK_C=BLOCK_C))
     sums = partial.to(torch.float64).sum(1)  # (K, 5)
     return {name: sums[:, i] for i, name in enumerate(METRIC_NAMES)}
 
