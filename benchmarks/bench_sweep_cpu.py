@@ -255,6 +255,30 @@ def _git_commit() -> str | None:
         return None
 
 
+def _baseline(commit: str, args) -> dict:
+    """This script's --profile run against the lerpfast package of ``commit`` (extracted with git archive)."""
+    import shutil
+    import tempfile
+
+    repo = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "archive", commit, "lerpfast"], cwd=repo, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        for ext in (repo / "lerpfast").glob("_C*.so"):  # the built C++ extension, if any (not in git)
+            shutil.copy(ext, Path(tmp) / "lerpfast")
+        out = Path(tmp) / "baseline.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--profile", "--threads", str(args.threads),
+               "--repeats", str(args.repeats), "--out", str(out)] + (["--quick"] if args.quick else [])
+        env = dict(os.environ, PYTHONPATH=tmp)  # ahead of the editable install of this tree
+        subprocess.run(cmd, cwd=tmp, env=env, check=True, stdout=subprocess.DEVNULL)
+        rec = json.loads(out.read_text())
+        if not rec["lerpfast_path"].startswith(tmp):
+            raise RuntimeError(f"the baseline run imported {rec['lerpfast_path']}, not the package of {commit}")
+    rec["commit"] = subprocess.run(["git", "rev-parse", commit], cwd=repo, capture_output=True,
+                                   text=True).stdout.strip()
+    return rec
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(SETTINGS))
@@ -264,15 +288,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the script")
     ap.add_argument("--profile", action="store_true",
                     help="fixed cost per sweep call with its breakdown (LeNet-300-100, K=8, 10k images)")
+    ap.add_argument("--baseline", metavar="COMMIT", default=None,
+                    help="with --profile: first measure the lerpfast package of git COMMIT the same way (in a "
+                         "subprocess, from `git archive`), and record both")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/sweep_cpu.json, "
                                                 "sweep_overhead_cpu.json with --profile)")
     args = ap.parse_args(argv)
+    write = not args.quick or args.out is not None
     results = Path(__file__).parent / "results"
     args.out = args.out or str(results / ("sweep_overhead_cpu.json" if args.profile else "sweep_cpu.json"))
     torch.set_num_threads(args.threads)
     report = {
         "benchmark": "sweep_cpu", "device": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "threads": args.threads, "torch": torch.__version__, "lerpfast": lerpfast.__version__,
+        "lerpfast_path": str(Path(lerpfast.__file__).parent),
         "python": platform.python_version(), "precision": "fp32", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                          time.gmtime()),
         "runs": [], "loadavg_before": list(os.getloadavg()), "git_commit": _git_commit(),
@@ -285,12 +314,17 @@ def main(argv=None) -> dict:
                                 "the reference) and metric updates, i.e. everything that is not arithmetic; min "
                                 "over interleaved repeats. Cross-check: sweep_ms - arithmetic_ms, the arithmetic "
                                 "timed alone through a pre-built engine")
+        if args.baseline:
+            report["baseline"] = _baseline(args.baseline, args)
+            print(f"baseline {args.baseline}:")
+            _print_profile(report["baseline"]["runs"][0])
+            print("this tree:")
         r = profile_overhead(1 if args.quick else args.repeats, args.threads, n=200 if args.quick else 10_000,
                              batch_size=100 if args.quick else 1000)
         report["runs"].append(r)
         report["loadavg_after"] = list(os.getloadavg())
         _print_profile(r)
-        if not args.quick:
+        if write:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=1))
             print(f"wrote {args.out}")

@@ -556,6 +556,7 @@ def engine_for(model: nn.Module, slice_: AffineSlice, *, fallback: Iterable[str 
     mp = MultiPointModel(model, slice_, fallback=fallback, fuse=fuse).to(device)
     if channels_last:
         mp.to(memory_format=torch.channels_last)
+    _drop_fallback_copies(mp)
     mp.cache_state = "built" if cache else "off"
     if not cache:
         return mp, None
@@ -569,6 +570,34 @@ def engine_for(model: nn.Module, slice_: AffineSlice, *, fallback: Iterable[str 
             while len(_ENGINES) > _CACHE_SIZE:
                 _ENGINES.popitem(last=False)
     return mp, entry
+
+
+def _drop_fallback_copies(mp: MultiPointModel) -> None:
+    """Replace the fallback modules' own copies of the slice's tensors by storage-less meta tensors.
+
+    A fallback module runs ``functional_call`` with every one of those tensors swapped for the points' values, so
+    its copies (deep-copied from the user's model: all of GPT-2's weights, for one) are never read; a cached engine
+    would otherwise keep them alive, on the device, after its sweep. Tied tensors stay tied.
+    """
+    memo: dict[int, torch.Tensor] = {}
+    for layer in mp.layers():
+        if not isinstance(layer, FallbackModule):
+            continue
+        for rel in layer.slices:
+            owner_name, _, attr = rel.rpartition(".")
+            owner = layer.inner.get_submodule(owner_name) if owner_name else layer.inner
+            t = owner._parameters.get(attr) if attr in owner._parameters else owner._buffers.get(attr)
+            if t is None or t.device.type == "meta":
+                continue
+            if id(t) not in memo:
+                empty = torch.empty_like(t, device="meta")
+                memo[id(t)] = nn.Parameter(empty, requires_grad=False) if isinstance(t, nn.Parameter) else empty
+            if attr in owner._parameters:
+                owner._parameters[attr] = memo[id(t)]
+            else:
+                owner._buffers[attr] = memo[id(t)]
+            if isinstance(owner, nn.RNNBase):
+                owner._init_flat_weights()  # the RNN's list of its weights follows
 
 
 def release_engine(token, failed: bool = False) -> None:
