@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,6 +93,7 @@ def run_one(model: str, precision: str, K: int, workers: int | None, arch: int, 
     print(f"{model} {precision}: {len(pl.launches)} launches per forward, {res['compiles']} variants compiled for "
           f"{res['target']} with {res['workers']} threads; load average {load0[0]:.2f} -> {os.getloadavg()[0]:.2f}; "
           f"wrote {os.path.relpath(path, ROOT)}")
+    shutil.rmtree(cache, ignore_errors=True)
     print(f"compiles={res['compiles']} seconds={res['seconds']}")
     return record
 
@@ -122,7 +124,7 @@ def run_all(K: int, workers: int | None, arch: int) -> int:
 def run_tiles(arch: int) -> int:
     """Compile seconds of one variant per candidate tile (ResNet-like 3x3 conv 64->64 with the full epilogue, and a
     512->512 linear), sequentially, each from an empty cache: the data behind lerpfast.kernels.tiles' defaults."""
-    _fresh_cache()
+    cache = _fresh_cache()
     import dataclasses
 
     import torch
@@ -171,6 +173,7 @@ def run_tiles(arch: int) -> int:
     with open(os.path.join(RESULTS, "compile_tiles.json"), "w") as f:
         json.dump(out, f, indent=1)
         f.write("\n")
+    shutil.rmtree(cache, ignore_errors=True)
     return 0
 
 
