@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import re
+import threading
 import time
 import weakref
 import zipfile
@@ -222,6 +223,7 @@ class TensorDigestCache:
         self.probe, self.maxsize = probe, maxsize
         self.entries: OrderedDict = OrderedDict()  # key -> (weak refs, probes, digest)
         self.stats = {"hashes": 0, "reuses": 0}
+        self.lock = threading.RLock()  # sweeps may run in threads; weak-reference callbacks only pop
 
     def clear(self) -> None:
         self.entries.clear()
@@ -232,24 +234,28 @@ class TensorDigestCache:
             self.stats["hashes"] += 1
             return compute()
         key = (extra, tuple(_tensor_id(t) for t in tensors))
-        hit = self.entries.get(key)
+        with self.lock:
+            hit = self.entries.get(key)
         if hit is not None:
             refs, probes, digest = hit
             if all(r() is t for r, t in zip(refs, tensors)) and torch.equal(probes, self._probes(tensors)):
-                self.entries.move_to_end(key)
-                self.stats["reuses"] += 1
+                with self.lock:
+                    if key in self.entries:
+                        self.entries.move_to_end(key)
+                    self.stats["reuses"] += 1
                 return digest
-            del self.entries[key]
-        self.stats["hashes"] += 1
+        probes = self._probes(tensors)  # taken before hashing: a write during the hash makes the entry miss later
         digest = compute()
         entries = self.entries
 
         def forget(_, key=key):
             entries.pop(key, None)
 
-        entries[key] = ([weakref.ref(t, forget) for t in tensors], self._probes(tensors), digest)
-        while len(entries) > self.maxsize:
-            entries.popitem(last=False)
+        with self.lock:
+            self.stats["hashes"] += 1
+            entries[key] = ([weakref.ref(t, forget) for t in tensors], probes, digest)
+            while len(entries) > self.maxsize:
+                entries.popitem(last=False)
         return digest
 
     def _probes(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -470,6 +470,17 @@ def sweep(
     Returns
     -------
     SweepResult with ``.coords`` (K x D), ``.alphas``, ``.loss``, ``.error``, ``.metrics`` and ``.meta``.
+    ``meta["timings"]`` has the seconds of each phase of the call (checkpoints, slice, fingerprints, store, engine,
+    evaluation split into data / forward / metrics, finish).
+
+    Notes
+    -----
+    Repeated calls skip work the previous call did: the sha256 fingerprints of the data and of in-memory or file
+    checkpoints are reused while the tensors (object, storage, version counter, a probe of their values) or files
+    (stat fields) are unchanged, and the converted engine (deep copy, rewrite, fx traces) is reused while the
+    model's structure is (:func:`lerpfast.engine.model.engine_for`); it holds no weights between calls.
+    :func:`clear_caches` forgets all of them. An input that reaches only the first Linear / Conv (through flatten,
+    dropout, identity) is handed to it as the B-row batch, never repeated K times.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {METHODS}")

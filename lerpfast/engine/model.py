@@ -482,26 +482,36 @@ def _tensor_key(t: torch.Tensor) -> tuple:
             str(t.device))
 
 
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, torch.memory_format,
+          type)
+_PLAIN_TYPES = frozenset(_PLAIN)
+_CONTAINERS = frozenset((dict, OrderedDict, list, tuple, set, frozenset))
+
+
 def _value_key(v, depth: int = 0):
     """A hashable stand-in for an attribute value: the value itself for plain data, identity for other objects."""
-    if v is None or isinstance(v, (bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size,
-                                   torch.memory_format, type)):
+    typ = type(v)
+    if typ in _PLAIN_TYPES:
         return v
-    if torch.is_tensor(v):
+    if typ in _CONTAINERS and not v:
+        return (typ,)  # the empty hook dicts every module has: most of the attributes
+    if isinstance(v, _PLAIN):
+        return v
+    if isinstance(v, torch.Tensor):
         return _tensor_key(v)
     if depth < 4 and isinstance(v, (tuple, list)):
-        return (type(v), tuple(_value_key(e, depth + 1) for e in v))
+        return (typ, tuple(_value_key(e, depth + 1) for e in v))
     if depth < 4 and isinstance(v, (set, frozenset)):
         try:
-            return (type(v), frozenset(_value_key(e, depth + 1) for e in v))
+            return (typ, frozenset(_value_key(e, depth + 1) for e in v))
         except TypeError:
-            return (type(v), id(v))
+            return (typ, id(v))
     if depth < 4 and isinstance(v, dict):
-        return (type(v), tuple((_value_key(k, depth + 1), _value_key(e, depth + 1)) for k, e in v.items()))
+        return (typ, tuple((_value_key(k, depth + 1), _value_key(e, depth + 1)) for k, e in v.items()))
     if depth < 2 and not isinstance(v, nn.Module) and not callable(v) and isinstance(getattr(v, "__dict__", None),
                                                                                     dict):
-        return ("object", type(v), id(v), _value_key(vars(v), depth + 1))  # e.g. a transformers config, by value
-    return ("object", type(v), id(v))
+        return ("object", typ, id(v), _value_key(vars(v), depth + 1))  # e.g. a transformers config, by value
+    return ("object", typ, id(v))
 
 
 def structure_key(model: nn.Module) -> tuple:
