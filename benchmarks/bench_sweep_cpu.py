@@ -267,7 +267,8 @@ def _baseline(commit: str, args) -> dict:
         for ext in (repo / "lerpfast").glob("_C*.so"):  # the built C++ extension, if any (not in git)
             shutil.copy(ext, Path(tmp) / "lerpfast")
         out = Path(tmp) / "baseline.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--profile", "--threads", str(args.threads),
+        mode = ["--profile"] if args.profile else ["--models", *args.models, "-K", str(args.K)]
+        cmd = [sys.executable, str(Path(__file__).resolve()), *mode, "--threads", str(args.threads),
                "--repeats", str(args.repeats), "--out", str(out)] + (["--quick"] if args.quick else [])
         env = dict(os.environ, PYTHONPATH=tmp)  # ahead of the editable install of this tree
         subprocess.run(cmd, cwd=tmp, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -289,8 +290,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--profile", action="store_true",
                     help="fixed cost per sweep call with its breakdown (LeNet-300-100, K=8, 10k images)")
     ap.add_argument("--baseline", metavar="COMMIT", default=None,
-                    help="with --profile: first measure the lerpfast package of git COMMIT the same way (in a "
-                         "subprocess, from `git archive`), and record both")
+                    help="first measure the lerpfast package of git COMMIT the same way (in a subprocess, from "
+                         "`git archive`), and record both")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/sweep_cpu.json, "
                                                 "sweep_overhead_cpu.json with --profile)")
     args = ap.parse_args(argv)
@@ -329,6 +330,11 @@ def main(argv=None) -> dict:
             Path(args.out).write_text(json.dumps(report, indent=1))
             print(f"wrote {args.out}")
         return report
+    if args.baseline:
+        report["baseline"] = _baseline(args.baseline, args)
+        for r in report["baseline"]["runs"]:
+            print(f"baseline {args.baseline}: {r['model']:14s} lerpfast {r['engine']['speedup_vs_loop']:.2f}x the loop "
+                  f"(unfused {r['engine_unfused']['speedup_vs_loop']:.2f}x, vmap {r['vmap']['speedup_vs_loop']:.2f}x)")
     for name in args.models:
         n = 8 if args.quick else SETTINGS[name][2]
         K = 3 if args.quick else args.K
@@ -340,7 +346,7 @@ def main(argv=None) -> dict:
               f"unfused {r['engine_unfused']['speedup_vs_loop']:.2f}x)   "
               f"max|dloss| {r['engine']['max_abs_loss_diff_vs_loop']:.1e}")
     report["loadavg_after"] = list(os.getloadavg())
-    if not args.quick:
+    if write:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
         print(f"wrote {args.out}")
