@@ -203,7 +203,9 @@ def _probe(t: torch.Tensor, size: int) -> torch.Tensor:
     """The raw bytes of up to ``size`` evenly spaced elements of ``t`` (a copy), as uint8."""
     flat = t.detach().reshape(-1)
     if flat.numel() > size:
-        flat = flat[torch.linspace(0, flat.numel() - 1, size, device=flat.device).long()]
+        # integer arithmetic: a float32 linspace rounds past the end beyond 2**24 elements (60k MNIST images)
+        idx = torch.arange(size, device=flat.device, dtype=torch.int64) * (flat.numel() - 1) // max(size - 1, 1)
+        flat = flat[idx]
     else:
         flat = flat.clone()
     return flat.to(torch.uint8) if flat.dtype == torch.bool else flat.reshape(-1, 1).view(torch.uint8).reshape(-1)

@@ -497,3 +497,13 @@ def test_meta_timings_cover_the_call():
     assert all(tm[k] >= 0 for k in parts) and sum(tm[k] for k in parts) <= tm["total"]
     assert tm["evaluate.forward"] + tm["evaluate.metrics"] <= tm["evaluate"]
     json.dumps(r.meta)
+
+
+def test_data_fingerprint_of_more_than_2_pow_24_elements():
+    """60k MNIST-size images (47 M floats): the probe indexes stay in range and see a write to the last element."""
+    from lerpfast.checkpoints import _probe
+
+    t = torch.zeros(60_000 * 784)
+    before = _probe(t, 1024)
+    t[-1] = 1.0
+    assert not torch.equal(before, _probe(t, 1024))
