@@ -278,8 +278,8 @@ def _analyse(ctx, st, out, runs, switched, dist_init, same_init, barrier, basin_
         n_pos = int((bs > BARRIER_TOL).sum())
         lo = min(pairs, key=lambda p: barriers[(bn, *p)])
         prefix = "With batch norm: " if bn else ""
-        ctx.claim(f"{prefix}from one initialization the six optimizers reach different minima: the training loss "
-                  "rises on the line between every pair of solutions",
+        ctx.claim(_sentence(f"{prefix}from one initialization the six optimizers reach different minima: the "
+                            "training loss rises on the line between every pair of solutions"),
                   "abstract; surfaces between the optimizers' solutions",
                   f"barrier {n_pos}/{len(pairs)} pairs > {BARRIER_TOL}; min {fmt(bs.min())} "
                   f"({_label(lo[0])}-{_label(lo[1])}), median {fmt(float(np.median(bs)))}, max {fmt(bs.max())}",
@@ -377,15 +377,16 @@ def _analyse(ctx, st, out, runs, switched, dist_init, same_init, barrier, basin_
         prefix = "With batch norm: " if bn else ""
         b_old = {p: barrier(out[(bn, "switch-old", p)].alphas, out[(bn, "switch-old", p)].loss) for p in SWITCH_AT}
         b_new = {p: barrier(out[(bn, "switch-new", p)].alphas, out[(bn, "switch-new", p)].loss) for p in SWITCH_AT}
-        ctx.claim(f"{prefix}switching optimizer ({_label(old)} -> {_label(new)}) even late in training ends in a "
-                  f"different basin from the run that never switched",
+        ctx.claim(_sentence(f"{prefix}switching optimizer ({_label(old)} -> {_label(new)}) even late in training "
+                            "ends in a different basin from the run that never switched"),
                   "switching optimizers at 25 / 50 / 75 % of training",
                   "barrier switched<->unswitched " + ", ".join(f"{p}%: {fmt(b_old[p])}" for p in SWITCH_AT),
                   all(b_old[p] > BARRIER_TOL for p in SWITCH_AT),
                   note=f"{data_note}; fresh {_label(new)} state at the switch, its own rate"
                        + ("; BN statistics recomputed at every point" if bn else ""),
                   **{f"barrier_unswitched_{p}": b_old[p] for p in SWITCH_AT})
-        ctx.claim(f"{prefix}the switched run also ends apart from the minimum that {_label(new)} alone reaches",
+        ctx.claim(_sentence(f"{prefix}the switched run also ends apart from the minimum that {_label(new)} alone "
+                            "reaches"),
                   "switching optimizers at 25 / 50 / 75 % of training",
                   f"barrier switched<->{_label(new)} alone " + ", ".join(f"{p}%: {fmt(b_new[p])}" for p in SWITCH_AT),
                   all(b_new[p] > BARRIER_TOL for p in SWITCH_AT),
@@ -424,6 +425,10 @@ def _analyse(ctx, st, out, runs, switched, dist_init, same_init, barrier, basin_
     ctx.note("Test accuracy of the solutions: " + ", ".join(
         f"{_label(o)} {facts['test_acc'][f'nobn:{o}']:.4f} / {facts['test_acc'][f'bn:{o}']:.4f} (BN)" for o in opts))
     _figures(ctx, out, widths, barriers, disagree, dist_init)
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _n(ctx, st, split: str = "training") -> str:
