@@ -103,23 +103,13 @@ def _train_all(ctx: Context, st: _Setting) -> tuple[dict, dict]:
         for kind, key, bn in jobs:
             if kind == "opt":
                 # without batch norm a second replicate: same initialization, another minibatch order
-                runs[(key, bn)] = _train(ctx, _config(ctx, key, bn, st, replicates=1 if bn else 2))
+                runs[(key, bn)] = ctx.train(**_config(ctx, key, bn, st, replicates=1 if bn else 2))
             else:
                 old, new = SWITCH
-                switched[(key, bn)] = _train(ctx, _config(ctx, old, bn, st, switch_optimizer=new,
-                                                          switch_at=f"{key}%", switch_lr=OPTIMIZERS[new][1]))
+                switched[(key, bn)] = ctx.train(**_config(ctx, old, bn, st, switch_optimizer=new,
+                                                            switch_at=f"{key}%", switch_lr=OPTIMIZERS[new][1]))
             bar.update()
     return runs, switched
-
-
-def _train(ctx: Context, config: dict):
-    """``ctx.train``, skipped for a run whose replicates all finished (a finished run still loads its data:
-    0.2-0.4 s each, 30 runs here). Under torchrun every rank calls ``ctx.train`` (its barrier must pair up)."""
-    from lerpfast.train import TrainConfig
-
-    run_dir = ctx.runs_dir / TrainConfig(**{"out_dir": str(ctx.runs_dir), **config}).run_name()
-    done = all((run_dir / f"replicate_{r}" / "summary.json").exists() for r in range(config.get("replicates", 1)))
-    return run_dir if done and ctx.world == 1 else ctx.train(**config)
 
 
 # ------------------------------------------------------------------------------------------------------------ helpers
