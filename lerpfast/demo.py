@@ -95,17 +95,12 @@ def _pick_dataset(name: str, root: str | None = None) -> str:
         return "digits"
 
 
-def _pick_ts(steps: list[int]) -> list[int]:
-    """Starting iterations from the saved schedule: 0, the powers of 4 (4 ... 1024), and the last 1000k."""
-    final = max(steps)
-    saved = set(steps) - {final}
-    ts = [t for t in (0, 4, 16, 64, 256, 1024) if t in saved]
-    late = [t for t in saved if t > 1024 and t % 1000 == 0]
-    return ts + ([max(late)] if late else [])
-
-
 def run_demo(cfg: DemoConfig, *, log=print) -> dict:
     """Train, sweep, analyse and plot; returns the table rows, the files written and the timings.
+
+    The experiment itself is :func:`lerpfast.reproduce.frankle.run_lines` (``lerpfast reproduce frankle`` runs the
+    same code for LeNet-300-100 and ResNet-20 and checks the paper's claims); the demo adds Goodfellow et al.'s
+    trajectory and Im et al.'s functional distance figures.
 
     Parameters
     ----------
@@ -119,108 +114,56 @@ def run_demo(cfg: DemoConfig, *, log=print) -> dict:
         ``rows`` (one per t: t, max increase of loss / error as mean and std over replicates), ``files``,
         ``store``, ``seconds`` (train, sweep, total), ``dataset``, ``final_test_error``.
     """
-    import numpy as np
     import torch
 
-    import lerpfast
-    import lerpfast.data as ld
-    from lerpfast.analysis import max_increase
-    from lerpfast.plot import plot_checkpoint_trajectory, plot_functional, plot_lines, plot_max_increase, save
-    from lerpfast.store import ResultStore
-    from lerpfast.train import TrainConfig, list_checkpoints, models, train
+    from lerpfast.plot import plot_checkpoint_trajectory, plot_functional, save
+    from lerpfast.reproduce._common import Context, Settings
+    from lerpfast.reproduce.frankle import Setting, format_table, lines_figure, max_increase_figure, run_lines
 
     t_start = time.perf_counter()
-    torch.set_num_threads(cfg.threads or max(1, min(2, os.cpu_count() or 1)))
+    threads = cfg.threads or max(1, min(2, os.cpu_count() or 1))  # the demo's documented default
+    torch.set_num_threads(threads)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dataset = _pick_dataset(cfg.data)
     cfg = cfg.resolved(dataset)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    # -- train ------------------------------------------------------------------------------------------------
-    tc = TrainConfig(model=cfg.model, dataset=dataset, steps=f"{cfg.epochs}ep", replicates=cfg.replicates,
-                     checkpoints="frankle", out_dir=str(out / "runs"), device=device, evaluate="end")
+    # 25 points per pass: as fast as 100 on a CPU, a quarter of the activations (demo peak RSS 0.9 GB instead of
+    # 1.9 GB with all 100), and an interrupted sweep loses at most 25 points
+    setting = Setting(cfg.model, dataset, f"{cfg.epochs}ep", replicates=cfg.replicates, ts=cfg.ts or "thin",
+                      points=cfg.points, eval_limit=cfg.eval_limit, eval_batch_size=2500, points_per_pass=25)
+    ctx = Context(Settings(paper="demo", out=out, dataset=dataset, model=cfg.model, quick=cfg.quick, device=device,
+                           threads=threads), log=log)
     log(f"training {cfg.model} on {dataset}: {cfg.epochs} epochs x {cfg.replicates} replicates, "
-        f"Frankle's checkpoint schedule ({device}, {torch.get_num_threads()} threads)")
-    t0 = time.perf_counter()
-    run_dir = train(tc, progress=False)
-    t_train = time.perf_counter() - t0
-    ckpts = [list_checkpoints(run_dir, r) for r in range(cfg.replicates)]
-    steps = sorted(set.intersection(*(set(c) for c in ckpts)))
-    final = max(steps)
-    ts = list(cfg.ts) if cfg.ts else _pick_ts(steps)
-    missing = [t for t in ts if t not in steps]
-    if missing:
-        raise ValueError(f"no checkpoint at t={missing}; saved steps: {steps}")
-    log(f"  trained in {t_train:.1f}s: {final} iterations, checkpoints at {steps}")
-
-    # -- sweep ------------------------------------------------------------------------------------------------
-    test = ld.load(dataset, "test", device=device, batch_size=2500, limit=cfg.eval_limit)
-    model = models.create(cfg.model, int(test.num_classes), tuple(int(s) for s in test.input_shape)).to(device)
-    store_path = out / "results.h5"
-    alphas = f"0:1:{cfg.points}"
-    log(f"sweeping theta_t -> theta_final for t in {ts}: {cfg.points} points each, {test.num_samples} test samples")
-    t0 = time.perf_counter()
-    results: dict[int, list] = {t: [] for t in ts}
-    with ResultStore(store_path) as store:
-        for t in ts:
-            for r in range(cfg.replicates):
-                # 25 points per pass: as fast as 100 on a CPU, a quarter of the activations (demo peak RSS 0.9 GB
-                # instead of 1.9 GB with all 100), and an interrupted sweep loses at most 25 points
-                res = lerpfast.sweep(model, (ckpts[r][t], ckpts[r][final]), alphas, test, store=store,
-                                     name=f"t={t}@rep{r}", progress=False, labels=[f"t={t}", f"final={final}"],
-                                     points_per_pass=25)
-                results[t].append(res)
-    t_sweep = time.perf_counter() - t0
-    log(f"  swept {len(ts) * cfg.replicates} lines ({len(ts) * cfg.replicates * cfg.points} points) "
-        f"in {t_sweep:.1f}s")
-
-    # -- analyse ----------------------------------------------------------------------------------------------
-    increase = {m: np.asarray([[max_increase(results[t][r].alphas, results[t][r].metrics[m]) for t in ts]
-                               for r in range(cfg.replicates)]) for m in ("loss", "error")}  # (R, T) each
-    rows = []
-    for j, t in enumerate(ts):
-        row: dict = {"t": t}
-        for m, v in increase.items():
-            row[m] = (float(v[:, j].mean()), float(v[:, j].std(ddof=1)) if cfg.replicates > 1 else 0.0)
-        for m in ("loss", "error"):  # where the path starts: the test loss / error of theta_t
-            row[f"start_{m}"] = float(np.mean([r.metrics[m][np.argmin(r.alphas)] for r in results[t]]))
-        rows.append(row)
-    final_error = float(np.mean([r.metrics["error"][np.argmax(r.alphas)] for r in results[ts[0]]]))
+        f"Frankle's checkpoint schedule ({device}, {torch.get_num_threads()} threads), then sweeping "
+        f"theta_t -> theta_final, {cfg.points} points each")
+    try:
+        lines = run_lines(ctx, setting)
+    finally:
+        ctx.close()
+    ts, steps = lines.ts, lines.steps
+    log(f"  {lines.final} iterations, checkpoints at {steps}; swept t in {ts}: {len(ts) * cfg.replicates} lines "
+        f"({len(ts) * cfg.replicates * cfg.points} points)")
 
     # -- figures ----------------------------------------------------------------------------------------------
     files = []
-    curves = {f"t={t}": results[t] for t in ts}
-    title = f"{cfg.model}, {dataset}: test loss and error from $\\theta_t$ to $\\theta_{{final}}$"
-    files += save(plot_lines(curves, title=title), out / "lines", cfg.formats)
-    files += save(plot_max_increase(ts, increase, title="maximum increase along $\\theta_t \\to \\theta_{final}$"),
-                  out / "max_increase", cfg.formats)
-    trajectory = plot_checkpoint_trajectory({s: ckpts[0][s] for s in steps}, title="replicate 0: SGD vs a random walk")
+    curves = {f"t={t}": lines.results[t] for t in ts}
+    files += save(lines_figure(lines, title=f"{cfg.model}, {dataset}: test loss and error from $\\theta_t$ to "
+                                            "$\\theta_{final}$"), out / "lines", cfg.formats)
+    files += save(max_increase_figure(lines), out / "max_increase", cfg.formats)
+    trajectory = plot_checkpoint_trajectory({s: lines.ckpts[0][s] for s in steps},
+                                            title="replicate 0: SGD vs a random walk")
     files += save(trajectory, out / "trajectory", cfg.formats)
     files += save(plot_functional(curves, title="distance to $\\theta_t$ along $\\theta_t \\to \\theta_{final}$"),
                   out / "functional", cfg.formats)
 
-    table = format_table(rows, dataset, cfg, final, final_error)
-    (out / "table.txt").write_text(table + "\n")
+    (out / "table.txt").write_text(format_table(lines) + "\n")
     files.append(out / "table.txt")
     total = time.perf_counter() - t_start
-    return {"rows": rows, "files": files, "store": store_path, "dataset": dataset, "final_step": final,
-            "final_test_error": final_error, "seconds": {"train": t_train, "sweep": t_sweep, "total": total},
-            "config": cfg}
-
-
-def format_table(rows: list[dict], dataset: str, cfg: DemoConfig, final: int, final_error: float) -> str:
-    """The demo's summary: max increase of test loss and error along theta_t -> theta_final against t."""
-    n = cfg.replicates
-    lines = [f"max increase along theta_t -> theta_final ({cfg.model}, {dataset} test, final iteration {final}, "
-             f"final test error {final_error:.3f}; mean +- std over {n} replicates)",
-             f"{'t':>6}  {'loss at t':>9}  {'max increase of loss':>20}  {'error at t':>10}  "
-             f"{'max increase of error':>21}"]
-    for r in rows:
-        (lm, ls), (em, es) = r["loss"], r["error"]
-        lines.append(f"{r['t']:>6}  {r['start_loss']:>9.4f}  {lm:>10.4f} +- {ls:<6.4f}  {r['start_error']:>10.4f}  "
-                     f"{em:>11.4f} +- {es:<6.4f}")
-    return "\n".join(lines)
+    return {"rows": lines.rows, "files": files, "store": ctx.store_path, "dataset": dataset,
+            "final_step": lines.final, "final_test_error": lines.final_error,
+            "seconds": {**lines.seconds, "total": total}, "config": cfg}
 
 
 def run(args: argparse.Namespace) -> int:

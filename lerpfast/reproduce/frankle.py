@@ -1,0 +1,493 @@
+"""Frankle (2020), "Revisiting 'Qualitatively characterizing neural network optimization problems'".
+
+Goodfellow et al. (2015) found the test loss along the line from initialization to the trained weights simple and
+roughly convex. Frankle revisits this with OpenLTH's settings: the line from the checkpoint at iteration t to the
+final weights, t in {0} U {2^k, k <= 10} U {1000 k}, 100 points, test loss and error, three replicates (mean and
+std), and the maximum increase of loss and error along each line against t. He finds the MNIST network behaves as
+Goodfellow et al. said, while for CIFAR-10 and ImageNet networks the loss from initialization, although roughly
+non-increasing, stays high until close to the optimum, and lines from checkpoints after an early point in training
+cross a barrier (the maximum increase is above zero).
+
+This module is that experiment, once, for any model: :class:`Setting` says what to train and sweep,
+:func:`run_lines` trains the replicates with Frankle's checkpoint schedule and sweeps every t -> final line into
+the context's store, and :func:`lines_figure`, :func:`max_increase_figure` and :func:`format_table` draw and print
+it. ``lerpfast demo`` (:mod:`lerpfast.demo`) runs it for LeNet-300-100; ``lerpfast reproduce frankle``
+(:func:`run`) runs it for LeNet-300-100 and ResNet-20 and checks the paper's claims on the results.
+
+The full reproduction (Fashion-MNIST for MNIST, 2 CPU cores) shrinks ResNet-20's run to fit half an hour: 320 of
+its 62,560 iterations with the learning rate drops at the same fractions of training (50 %, 75 %), t from the
+schedule's powers of two, 21 points per line on 500 test images. :func:`run` records each reduction in the notes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lerpfast.reproduce._common import Context, fmt, fmt_pm
+
+__all__ = ["TITLE", "DEFAULTS", "Setting", "Lines", "pick_ts", "run_lines", "lines_figure", "max_increase_figure",
+           "init_final_figure", "format_table", "half_drop_alpha", "run"]
+
+TITLE = "Frankle (2020), \"Revisiting 'Qualitatively characterizing neural network optimization problems'\""
+DEFAULTS = {"model": "lenet_300_100"}
+
+# What counts as a barrier (an increase along a path): more than one percentage point of test error (5 of the
+# 500 test images of the full run's ResNet-20 sweeps), or more than 1 % of the loss at the path's start.
+ERROR_TOL = 0.01
+LOSS_TOL = 0.01
+# "The loss remains high until close to the optimum": half of its drop from theta_0 to theta_final happens
+# after alpha = 0.7.
+LATE_DROP_ALPHA = 0.7
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The experiment (shared with lerpfast.demo)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setting:
+    """One network's t -> final experiment (Frankle's Figs. 2 and 3 for one model)."""
+
+    model: str
+    dataset: str
+    steps: str  # training length, e.g. "10ep", "320it"
+    replicates: int = 3
+    ts: str | Sequence[int] = "all"  # "all" saved steps before the final one | "thin" (0, 4^k, last 1000k) | list
+    points: int = 100  # points per line (Frankle: 100)
+    eval_limit: int | None = None  # evaluate on the first N test samples (default: all)
+    eval_batch_size: int = 1000
+    points_per_pass: int | None = 25
+    train: dict[str, Any] = field(default_factory=dict)  # further TrainConfig fields (milestones, evaluate, ...)
+    sweep: dict[str, Any] = field(default_factory=dict)  # further lerpfast.sweep options
+    prefix: str = ""  # sweep names are "<prefix>t=<t>@rep<r>"
+    label: str = ""  # for titles (default: the model name)
+
+    @property
+    def title(self) -> str:
+        return self.label or self.model
+
+
+@dataclass
+class Lines:
+    """What :func:`run_lines` gives back: the run, the sweeps and the max-increase table."""
+
+    setting: Setting
+    run_dir: Path
+    ckpts: list[dict[int, Path]]  # per replicate {step: path}
+    steps: list[int]  # saved by every replicate
+    final: int
+    ts: list[int]
+    results: dict[int, list]  # t -> [SweepResult per replicate]
+    increase: dict[str, np.ndarray]  # "loss" / "error" -> (R, T) max increase along t -> final
+    rows: list[dict]  # per t: t, loss / error (mean, std) of the max increase, start_loss, start_error
+    final_error: float  # test error of theta_final (mean over replicates, on the sweeps' test samples)
+    seconds: dict[str, float]  # train, sweep
+
+    def mean_std(self, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and std over replicates of the max increase of ``metric``, each (T,)."""
+        v = self.increase[metric]
+        std = v.std(axis=0, ddof=1) if v.shape[0] > 1 else np.zeros(v.shape[1])
+        return v.mean(axis=0), std
+
+
+def pick_ts(steps: Sequence[int], which: str | Sequence[int] = "all") -> list[int]:
+    """Starting iterations t among the saved checkpoint ``steps`` (the last one is the final weights).
+
+    ``"all"``: every saved step before the final one (Frankle's schedule: 0, 1, 2, 4, ..., 1024, 1000, 2000, ...);
+    ``"thin"``: 0, the powers of 4 up to 1024 and the last multiple of 1000 (the demo's); a list: those steps,
+    each of which must be saved.
+    """
+    final = max(steps)
+    saved = sorted(set(steps) - {final})
+    if which == "all":
+        return saved
+    if which == "thin":
+        ts = [t for t in (0, 4, 16, 64, 256, 1024) if t in saved]
+        late = [t for t in saved if t > 1024 and t % 1000 == 0]
+        return ts + ([max(late)] if late else [])
+    ts = [int(t) for t in which]
+    missing = [t for t in ts if t not in saved]
+    if missing:
+        raise ValueError(f"no checkpoint at t={missing}; saved steps: {sorted(steps)}")
+    return ts
+
+
+def run_lines(ctx: Context, s: Setting) -> Lines:
+    """Train ``s.replicates`` replicates with Frankle's checkpoint schedule and sweep every t -> final line.
+
+    Training and sweeps go through ``ctx`` (``<out>/runs``, ``<out>/results.h5``), so a second call trains and
+    computes nothing: it reads the finished runs and the stored sweeps.
+    """
+    from lerpfast.analysis import max_increase
+    from lerpfast.train import list_checkpoints, load_model
+
+    config = dict(model=s.model, dataset=s.dataset, steps=s.steps, checkpoints="frankle", **s.train)
+    t0 = time.perf_counter()
+    with ctx.stage(f"train {s.title} ({s.replicates} replicates)", total=s.replicates) as bar:
+        for r in range(s.replicates):  # one call per replicate, for the progress bar (finished ones are skipped)
+            run_dir = ctx.train(replicates=r + 1, **config)
+            bar.update()
+    t_train = time.perf_counter() - t0
+    ckpts = [list_checkpoints(run_dir, r) for r in range(s.replicates)]
+    steps = sorted(set.intersection(*(set(c) for c in ckpts)))
+    final = max(steps)
+    ts = pick_ts(steps, s.ts)
+
+    model = load_model(run_dir).to(ctx.s.device)
+    test = ctx.data("test", limit=s.eval_limit, batch_size=s.eval_batch_size, dataset=s.dataset)
+    alphas = f"0:1:{s.points}"
+    sweep_kw = {"points_per_pass": s.points_per_pass, **s.sweep}
+    results: dict[int, list] = {t: [] for t in ts}
+    t0 = time.perf_counter()
+    with ctx.stage(f"sweep {s.title}: {len(ts)} t x {s.replicates} replicates x {s.points} points",
+                   total=len(ts) * s.replicates) as bar:
+        for t in ts:
+            for r in range(s.replicates):
+                res = ctx.sweep(f"{s.prefix}t={t}@rep{r}", model, (ckpts[r][t], ckpts[r][final]), alphas, test,
+                                labels=[f"t={t}", f"final={final}"], **sweep_kw)
+                results[t].append(res)
+                bar.update()
+    t_sweep = time.perf_counter() - t0
+
+    increase = {m: np.asarray([[max_increase(results[t][r].alphas, results[t][r].metrics[m]) for t in ts]
+                               for r in range(s.replicates)]) for m in ("loss", "error")}  # (R, T) each
+    rows = []
+    for j, t in enumerate(ts):
+        row: dict = {"t": t}
+        for m, v in increase.items():
+            row[m] = (float(v[:, j].mean()), float(v[:, j].std(ddof=1)) if s.replicates > 1 else 0.0)
+        for m in ("loss", "error"):  # where the path starts: the test loss / error of theta_t
+            row[f"start_{m}"] = float(np.mean([res.metrics[m][np.argmin(res.alphas)] for res in results[t]]))
+        rows.append(row)
+    final_error = float(np.mean([res.metrics["error"][np.argmax(res.alphas)] for res in results[ts[0]]]))
+    return Lines(s, run_dir, ckpts, steps, final, ts, results, increase, rows, final_error,
+                 {"train": t_train, "sweep": t_sweep})
+
+
+def _curves(lines: Lines, ts: Sequence[int] | None = None) -> dict[str, list]:
+    return {f"t={t}": lines.results[t] for t in (lines.ts if ts is None else ts)}
+
+
+def lines_figure(lines: Lines, ts: Sequence[int] | None = None, title: str | None = None):
+    """Test loss and error from theta_t to theta_final, one curve per t, mean +- std over replicates (Fig. 2)."""
+    from lerpfast.plot import plot_lines
+
+    s = lines.setting
+    title = title or f"{s.title}, {s.dataset}: test loss and error from $\\theta_t$ to $\\theta_{{final}}$"
+    return plot_lines(_curves(lines, ts), title=title)
+
+
+def max_increase_figure(lines: Lines, title: str | None = None):
+    """Max increase of loss and error along theta_t -> theta_final against t, log axis (Fig. 3)."""
+    from lerpfast.plot import plot_max_increase
+
+    return plot_max_increase(lines.ts, lines.increase, title=title or "maximum increase along "
+                                                                      "$\\theta_t \\to \\theta_{final}$")
+
+
+def init_final_figure(settings: Sequence[Lines]):
+    """Test loss and error along theta_0 -> theta_final for each model, mean +- std over replicates (Fig. 1)."""
+    from matplotlib.figure import Figure
+
+    from lerpfast.analysis import replicate_stats
+
+    fig = Figure(figsize=(8.4, 3.4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for k, lines in enumerate(settings):
+        reps = lines.results[0]
+        a = np.asarray(reps[0].alphas, dtype=np.float64)
+        for ax, metric in zip(axes, ("loss", "error")):
+            mean, std = replicate_stats([r.metrics[metric] for r in reps])
+            ax.plot(a, mean, color=f"C{k}", lw=1.4, label=f"{lines.setting.title}, {lines.setting.dataset}")
+            if len(reps) > 1:
+                ax.fill_between(a, mean - std, mean + std, color=f"C{k}", alpha=0.25, lw=0)
+    for ax, metric in zip(axes, ("test loss", "test error")):
+        ax.set_xlabel("$\\alpha$ ($\\theta_0 \\to \\theta_{final}$)")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize="small", frameon=False)
+    fig.suptitle("from initialization to the trained weights (mean $\\pm$ std over replicates)")
+    return fig
+
+
+def format_table(lines: Lines) -> str:
+    """Max increase of test loss and error along theta_t -> theta_final against t, as printed by the demo."""
+    s = lines.setting
+    head = (f"max increase along theta_t -> theta_final ({s.model}, {s.dataset} test, final iteration {lines.final}, "
+            f"final test error {lines.final_error:.3f}; mean +- std over {s.replicates} replicates)")
+    out = [head, f"{'t':>6}  {'loss at t':>9}  {'max increase of loss':>20}  {'error at t':>10}  "
+                 f"{'max increase of error':>21}"]
+    for r in lines.rows:
+        (lm, ls), (em, es) = r["loss"], r["error"]
+        out.append(f"{r['t']:>6}  {r['start_loss']:>9.4f}  {lm:>10.4f} +- {ls:<6.4f}  {r['start_error']:>10.4f}  "
+                   f"{em:>11.4f} +- {es:<6.4f}")
+    return "\n".join(out)
+
+
+def half_drop_alpha(alphas, values) -> float:
+    """The first alpha where a curve has come down half of the way from its value at 0 to its value at 1.
+
+    Small for a curve that falls early (convex, Goodfellow et al.'s shape), close to 1 for one that stays high
+    until close to the end (Frankle's CIFAR-10 / ImageNet networks). Linear interpolation between samples; NaN if
+    the curve does not fall.
+    """
+    a = np.asarray(alphas, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
+    order = np.argsort(a)
+    a, v = a[order], v[order]
+    start, end = v[0], v[-1]
+    if not end < start:
+        return float("nan")
+    half = 0.5 * (start + end)
+    i = int(np.argmax(v <= half))  # first sample at or below half way
+    if i == 0:
+        return float(a[0])
+    return float(a[i - 1] + (v[i - 1] - half) / (v[i - 1] - v[i]) * (a[i] - a[i - 1]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The reproduction
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _settings(ctx: Context) -> list[tuple[str, Setting]]:
+    """(role, setting) pairs: "small" is the MNIST network (LeNet-300-100 by default), "modern" ResNet-20."""
+    s = ctx.s
+    cpu = s.device == "cpu"
+    out: list[tuple[str, Setting]] = []
+    small_model = s.model
+    if small_model != "resnet20":
+        # CPU: 250 samples x 25 points per pass keep the engine's repeated input (25 x 250 x 784 floats, 20 MB) below
+        # glibc's mmap threshold: a LeNet line costs half the CPU time of 2,500 x 25 (3.6 s instead of 7.2 s,
+        # 45x fewer page faults)
+        ev = dict(eval_batch_size=250, points_per_pass=25) if cpu else dict(eval_batch_size=2500, points_per_pass=None)
+        if s.quick:  # scikit-learn digits: 12 iterations per epoch
+            small = Setting(small_model, s.dataset, "30ep", replicates=2, points=100, **ev)
+        else:  # the demo's setting: 10 epochs of Fashion-MNIST (4,690 iterations), every t of the schedule
+            small = Setting(small_model, s.dataset, "10ep", replicates=3, points=100, **ev)
+        small.prefix, small.label = f"{small_model}:", _pretty(small_model)
+        out.append(("small", small))
+    if s.quick:
+        # ResNet-20 on digits (8x8): 96 iterations, lr drops at 50 % / 75 %, t from the powers of four
+        modern = Setting("resnet20", s.dataset, "96it", replicates=2, ts=[0, 4, 16, 64], points=21,
+                         eval_batch_size=360, points_per_pass=None,
+                         train={"milestones": "48it,72it", "evaluate": "none"})
+    else:
+        # 320 of 62,560 iterations, lr drops at 160 / 240 (50 % / 75 %, as 80 / 120 of 160 epochs), 500 test images.
+        # CPU: 50 samples x 7 points per pass: 10.4 s of CPU per 21-point line instead of 16.9 s with 250 x 11
+        ev = dict(eval_batch_size=50, points_per_pass=7) if cpu else dict(eval_batch_size=500, points_per_pass=None)
+        modern = Setting("resnet20", s.dataset, "320it", replicates=3, ts=[0, 4, 16, 64, 128, 256], points=21,
+                         eval_limit=500, train={"milestones": "160it,240it", "evaluate": "none"}, **ev)
+    modern.prefix, modern.label = "resnet20:", "ResNet-20"
+    modern.sweep = {"reference": None}  # the claims need loss and error only (saves the reference's 1/K)
+    out.append(("modern", modern))
+    return out
+
+
+def _pretty(model: str) -> str:
+    return {"lenet_300_100": "LeNet-300-100", "resnet20": "ResNet-20"}.get(model, model)
+
+
+def _init_final(lines: Lines) -> dict[str, float]:
+    """Numbers of the theta_0 -> theta_final line (mean over replicates)."""
+    from lerpfast.analysis import convexity_violation
+
+    reps = lines.results[0]
+    j0 = lines.ts.index(0)
+    out = {}
+    for m in ("loss", "error"):
+        out[f"max_increase_{m}"] = float(lines.increase[m][:, j0].mean())
+        out[f"max_increase_{m}_std"] = float(lines.increase[m][:, j0].std(ddof=1)) if len(reps) > 1 else 0.0
+        out[f"half_drop_alpha_{m}"] = float(np.mean([half_drop_alpha(r.alphas, r.metrics[m]) for r in reps]))
+    drop = np.mean([r.loss[np.argmin(r.alphas)] - r.loss[np.argmax(r.alphas)] for r in reps])
+    out["convexity_violation_loss"] = float(np.mean([convexity_violation(r.alphas, r.loss) for r in reps]))
+    out["relative_convexity_violation_loss"] = out["convexity_violation_loss"] / float(drop) if drop > 0 else np.inf
+    out["start_loss"] = float(np.mean([r.loss[np.argmin(r.alphas)] for r in reps]))
+    return out
+
+
+def run(ctx: Context) -> None:
+    """``lerpfast reproduce frankle``: both networks' t -> final lines, figures and the claims table."""
+    s = ctx.s
+    settings = _settings(ctx)
+    done: dict[str, Lines] = {}
+    for role, setting in settings:
+        lines = run_lines(ctx, setting)
+        done[role] = lines
+        name = setting.model
+        ctx.figure(lines_figure(lines, ts=_figure_ts(lines)), f"{name}_lines",
+                   f"{setting.title}: test loss and error from theta_t to theta_final (Frankle Fig. 2)")
+        ctx.figure(max_increase_figure(lines, title=f"{setting.title}, {setting.dataset}: maximum increase along "
+                                                    "$\\theta_t \\to \\theta_{final}$"),
+                   f"{name}_max_increase", f"{setting.title}: max increase of loss and error against t (Fig. 3)")
+        ctx.facts[f"{name}_final_test_error"] = lines.final_error
+        ctx.facts[f"{name}_final_iteration"] = lines.final
+        ctx.facts[f"{name}_ts"] = lines.ts
+        ctx.facts[f"{name}_table"] = lines.rows
+        ctx.log(format_table(lines))
+    ctx.figure(init_final_figure(list(done.values())), "init_final",
+               "theta_0 -> theta_final for both networks (Frankle Fig. 1, Goodfellow et al. Fig. 3)")
+
+    data_note = {"fashion-mnist": "Fashion-MNIST for MNIST", "digits": "scikit-learn's 8x8 digits for MNIST",
+                 "mnist": "", "cifar10": ""}.get(s.dataset, f"{s.dataset} for MNIST")
+    if "small" in done:
+        _small_claims(ctx, done["small"], data_note)
+    _modern_claims(ctx, done["modern"], s.dataset)
+    _notes(ctx, done)
+
+
+def _figure_ts(lines: Lines) -> list[int]:
+    """At most 8 curves in a lines figure: 0, powers of 4 and the last t (every t is in the max-increase one)."""
+    if len(lines.ts) <= 8:
+        return lines.ts
+    keep = [t for t in lines.ts if t == 0 or (t & (t - 1) == 0 and (t.bit_length() - 1) % 2 == 0)]
+    late = [t for t in lines.ts if t > 1024]
+    return sorted(set(keep[:7] + late[-1:]))
+
+
+def _small_claims(ctx: Context, lines: Lines, data_note: str) -> None:
+    s = lines.setting
+    n = s.replicates
+    f = _init_final(lines)
+    where = f"{s.title}; {data_note}" if data_note else s.title
+    reduced = f"{lines.final} iterations (Frankle: 18,760, 40 epochs)"
+    ctx.claim(
+        "MNIST network: test loss decreases monotonically from initialization to the trained weights "
+        "(Goodfellow et al.'s finding holds)", "Fig. 1 (LeNet-300-100, MNIST); abstract",
+        f"max increase along theta_0 -> final: loss {fmt_pm(f['max_increase_loss'], f['max_increase_loss_std'])}, "
+        f"error {fmt_pm(f['max_increase_error'], f['max_increase_error_std'])} ({n} replicates)",
+        f["max_increase_loss"] <= LOSS_TOL * f["start_loss"] and f["max_increase_error"] <= ERROR_TOL,
+        note=f"{where}; {reduced}; a rise counts above 1 % of the starting loss / 1 point of error",
+        max_increase_loss=f["max_increase_loss"], max_increase_error=f["max_increase_error"],
+        max_increase_loss_std=f["max_increase_loss_std"], max_increase_error_std=f["max_increase_error_std"])
+    ctx.claim(
+        "MNIST network: the init -> final loss has Goodfellow et al.'s simple, roughly convex shape",
+        "abstract (quoting Goodfellow et al.); Fig. 1",
+        f"largest rise above the lower convex hull {fmt(f['convexity_violation_loss'])} = "
+        f"{100 * f['relative_convexity_violation_loss']:.1f} % of the drop; half of the loss drop by "
+        f"alpha = {fmt(f['half_drop_alpha_loss'], 2)}",
+        f["relative_convexity_violation_loss"] <= 0.05 and f["half_drop_alpha_loss"] < 0.5,
+        note=f"{where}; criterion: hull gap <= 5 % of the drop and half of the drop before alpha = 0.5",
+        convexity_violation_loss=f["convexity_violation_loss"],
+        relative_convexity_violation_loss=f["relative_convexity_violation_loss"],
+        half_drop_alpha_loss=f["half_drop_alpha_loss"], half_drop_alpha_error=f["half_drop_alpha_error"])
+    mean, std = lines.mean_std("error")
+    j = int(np.argmax(mean))
+    lmean, lstd = lines.mean_std("loss")
+    jl = int(np.argmax(lmean))
+    ctx.claim(
+        "MNIST network: no barrier from any checkpoint: the max increase of error along t -> final stays ~0 for "
+        "every t", "Figs. 2-3 (MNIST); abstract (barriers are what sets CIFAR-10 / ImageNet apart)",
+        f"largest max increase of error over {len(lines.ts)} t: {fmt_pm(mean[j], std[j])} at t = {lines.ts[j]}; "
+        f"of loss: {fmt_pm(lmean[jl], lstd[jl])} at t = {lines.ts[jl]}",
+        bool(mean[j] <= ERROR_TOL),
+        note=f"{where}; t in Frankle's schedule up to {max(lines.ts)} of {lines.final}; 1 point of error tolerance",
+        max_increase_error=mean[j], max_increase_error_std=std[j], at_t=lines.ts[j],
+        max_increase_loss=lmean[jl], max_increase_loss_std=lstd[jl], loss_at_t=lines.ts[jl])
+    ctx.facts["small_init_final"] = f
+
+
+def _modern_claims(ctx: Context, lines: Lines, dataset: str) -> None:
+    s = lines.setting
+    n = s.replicates
+    f = _init_final(lines)
+    on_cifar = dataset == "cifar10"
+    where = (f"ResNet-20 on {dataset}" + ("" if on_cifar else " (the paper: CIFAR-10, not available here)")
+             + f"; {lines.final} of 62,560 iterations, lr drops at 50 % / 75 % of them; "
+             + (f"{s.points} points on {s.eval_limit} test images" if s.eval_limit else f"{s.points} points"))
+    ctx.claim(
+        "CIFAR-10 network: from initialization the loss is roughly monotonically non-increasing",
+        "abstract; Fig. 1 (ResNet-20, CIFAR-10)",
+        f"max increase along theta_0 -> final: loss {fmt_pm(f['max_increase_loss'], f['max_increase_loss_std'])}, "
+        f"error {fmt_pm(f['max_increase_error'], f['max_increase_error_std'])} ({n} replicates)",
+        f["max_increase_loss"] <= LOSS_TOL * f["start_loss"] and f["max_increase_error"] <= ERROR_TOL,
+        note=f"{where}; a rise counts above 1 % of the starting loss / 1 point of error",
+        max_increase_loss=f["max_increase_loss"], max_increase_error=f["max_increase_error"],
+        max_increase_loss_std=f["max_increase_loss_std"], max_increase_error_std=f["max_increase_error_std"])
+    ctx.claim(
+        "CIFAR-10 network: the loss from initialization remains high until close to the optimum (not convex)",
+        "abstract; Fig. 1",
+        f"half of the loss drop by alpha = {fmt(f['half_drop_alpha_loss'], 2)}, of the error drop by alpha = "
+        f"{fmt(f['half_drop_alpha_error'], 2)} (mean of {n})",
+        f["half_drop_alpha_loss"] >= LATE_DROP_ALPHA,
+        note=f"{where}; criterion: half of the loss drop after alpha = {LATE_DROP_ALPHA}",
+        half_drop_alpha_loss=f["half_drop_alpha_loss"], half_drop_alpha_error=f["half_drop_alpha_error"],
+        relative_convexity_violation_loss=f["relative_convexity_violation_loss"])
+    mean, std = lines.mean_std("error")
+    j = int(np.argmax(mean))
+    half = lines.final // 2
+    early = [(t, m) for t, m in zip(lines.ts, mean) if 0 < t <= half]
+    with_barrier = [t for t, m in early if m > ERROR_TOL]
+    # "becomes separated": from some t0 on, every t of the first half has a barrier (one noisy t does not count)
+    onset = next((t for i, (t, _) in enumerate(early) if all(m > ERROR_TOL for _, m in early[i:])), None)
+    ctx.claim(
+        "CIFAR-10 network: training quickly becomes linearly separated from the optimum by a barrier (max "
+        "increase of error > 0 from an early t on)", "abstract; Figs. 2-3 (ResNet-20)",
+        (f"mean max increase of error > {ERROR_TOL} at t = {with_barrier} of {[t for t, _ in early]}"
+         if with_barrier else f"no t of {[t for t, _ in early]} with a mean max increase of error > {ERROR_TOL}")
+        + (f", from t = {onset} on" if onset is not None else "; no t0 from which on every t has one")
+        + f"; largest {fmt_pm(mean[j], std[j])} at t = {lines.ts[j]}",
+        onset is not None,
+        note=f"{where}; criterion: from some t0 > 0 on, every t of the first half of training has a mean barrier "
+             f"> {ERROR_TOL}",
+        peak_increase_error=mean[j], peak_increase_error_std=std[j], peak_t=lines.ts[j],
+        ts_with_barrier=float(len(with_barrier)), ts_first_half=float(len(early)),
+        barrier_found=float(onset is not None),
+        **({} if onset is None else {"onset_t": onset}))
+    last = len(lines.ts) - 1
+    rises = mean[j] > ERROR_TOL and mean[0] <= ERROR_TOL and lines.ts[j] > 0
+    falls = mean[last] < 0.5 * mean[j]
+    ctx.claim(
+        "CIFAR-10 network: the max increase is ~0 at t = 0, rises over early training and falls again late",
+        "Fig. 3 (ResNet-20)",
+        f"error: {fmt_pm(mean[0], std[0])} at t = 0, peak {fmt_pm(mean[j], std[j])} at t = {lines.ts[j]}, "
+        f"{fmt_pm(mean[last], std[last])} at t = {lines.ts[last]} (after both lr drops)",
+        rises and falls,
+        note=f"{where}; criterion: <= {ERROR_TOL} at t = 0, > {ERROR_TOL} at the peak, below half the peak at the "
+             "last t",
+        at_t0=mean[0], peak=mean[j], peak_t=lines.ts[j], at_last_t=mean[last], last_t=lines.ts[last])
+    per_rep = lines.increase["error"][:, j]
+    ctx.claim(
+        "the picture is the same in every replicate (Frankle plots mean +- std of 3)",
+        "Figs. 2-3 (bands: std over 3 replicates)",
+        f"ResNet-20 replicates with a barrier > {ERROR_TOL} at t = {lines.ts[j]}: "
+        f"{int((per_rep > ERROR_TOL).sum())}/{n} (max increase of error "
+        + ", ".join(fmt(v, 3) for v in per_rep) + ")",
+        bool(mean[j] > ERROR_TOL and (per_rep > ERROR_TOL).all()),
+        note=f"{where}; quick runs use 2 replicates" if ctx.s.quick else where,
+        replicates_with_barrier=float((per_rep > ERROR_TOL).sum()), replicates=n, peak_t=lines.ts[j],
+        spread=float(per_rep.max() - per_rep.min()))
+    ctx.facts["modern_init_final"] = f
+
+
+def _notes(ctx: Context, done: dict[str, Lines]) -> None:
+    s = ctx.s
+    if s.dataset != "mnist" and "small" in done:
+        ctx.note(f"Data: {s.dataset} stands in for MNIST (no MNIST here); Frankle's LeNet-300-100 reaches ~98 % "
+                 f"accuracy on MNIST, ours {100 * (1 - done['small'].final_error):.1f} % on {s.dataset}.")
+    if s.dataset != "cifar10":
+        ctx.note(f"ResNet-20 runs on {s.dataset} (1-channel input; no CIFAR-10 here: `--dataset cifar10` where it "
+                 "is installed). Its final test error: "
+                 f"{100 * done['modern'].final_error:.1f} % on the sweeps' test images.")
+    for lines in done.values():
+        st = lines.setting
+        ctx.note(f"{st.title}: {st.replicates} replicates, {lines.final} iterations ({st.steps}), t in "
+                 f"{lines.ts}, {st.points} points per line, "
+                 + (f"first {st.eval_limit} test images" if st.eval_limit else "the whole test set")
+                 + (f", extra training options {st.train}" if st.train else "") + ".")
+    if not s.quick:
+        ctx.note("Reductions for a 2-core CPU (ResNet-20 trains at ~300 images/s there): ResNet-20 trains 320 of "
+                 "OpenLTH's 62,560 iterations (0.7 epoch of Fashion-MNIST; batch 128, SGD momentum 0.9, lr 0.1, "
+                 "weight decay 1e-4 as in OpenLTH), with the learning rate drops at the same fractions of training "
+                 "(iterations 160 and 240, as epochs 80 and 120 of 160); t covers the schedule's powers of 4 and "
+                 "128, 256; each line has 21 points (Frankle: 100) on the first 500 test images. LeNet-300-100 "
+                 "trains 10 of 40 epochs; every t of its schedule is swept with 100 points on all 10,000 test "
+                 "images.")
+    ctx.note("Batch norm running statistics are interpolated along each line with the weights (`bn=\"interpolate\"`).")
