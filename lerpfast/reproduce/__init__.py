@@ -133,7 +133,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="the main model (default: lenet_300_100)")
     p.add_argument("--out", default=None, help="output folder (default: ./reproduce-<paper>)")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (default: auto)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: min(2, cores))")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: min(2, cores); MLP training uses 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_cli)
     return p

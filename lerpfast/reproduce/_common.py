@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Claim", "Settings", "Context", "fmt", "fmt_pm"]
+__all__ = ["Claim", "Settings", "Context", "fmt", "fmt_pm", "threads", "default_threads"]
 
 
 @dataclass
@@ -265,6 +266,22 @@ def _rank_world() -> tuple[int, int]:
 
 
 def default_threads() -> int:
-    """Torch threads for a reproduction: 1. The papers' models train on minibatches of 128 small images, too little
-    work to split: on a busy 2-core machine 2 threads made the quick Im et al. run 10x slower (325 s vs 33 s)."""
-    return 1
+    """Torch threads for a reproduction: min(2, cores). ResNet-20's training and sweeps gain from the second core
+    (Frankle's full run: 8 min 53 s with 2 threads, 15 min 32 s with 1); LeNet's training runs in
+    :func:`threads` (1)."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[None]:
+    """Run a block with at most ``n`` torch threads. Training steps of the MLPs (a batch of 128 through LeNet-300-100:
+    ~0.2 GFLOP) gain nothing from a second thread, and on a 2-core machine shared with other jobs they lose a lot:
+    one Fashion-MNIST epoch took 9.5 s with one thread and 46.5 s with two at load average 6."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(n, before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -27,7 +27,6 @@ Sweep names in ``results.h5``: ``init-final@train``, ``init-final@test``, ``zoom
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lerpfast.reproduce._common import Context, fmt
+from lerpfast.reproduce._common import Context, fmt, threads
 
 __all__ = ["TITLE", "DEFAULTS", "Plan", "QUICK", "FULL", "TOL", "polynomial_residuals", "line_shape", "run"]
 
@@ -186,21 +185,6 @@ def _checkpoint_list(n_train: int, plan: Plan) -> str:
     return ",".join(str(s) for s in steps)
 
 
-@contextlib.contextmanager
-def _threads(n: int):
-    """Run a block with ``n`` torch threads. Training steps of these small nets (a batch of 128 through
-    LeNet-300-100: ~0.2 GFLOP) gain little from a second thread, and on a loaded 2-core machine they lose a lot: one
-    Fashion-MNIST epoch took 9.5 s with one thread and 46.5 s with two at load average 6."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(n, before))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _tensors(ctx: Context, split: str, limit: int | None):
     import torch
 
@@ -232,7 +216,7 @@ def run(ctx: Context) -> None:
     n_train = int(train_eval.num_samples)
 
     # -- train ---------------------------------------------------------------------------------------------------
-    with ctx.stage("train", total=2) as bar, _threads(1):
+    with ctx.stage("train", total=2) as bar, threads(1):
         mlp_run = ctx.train(model=s.model, dataset=s.dataset, limit=plan.train_limit, optimizer="sgd", lr=0.1,
                             batch_size=BATCH, steps=f"{plan.epochs}ep", replicates=2,
                             checkpoints=_checkpoint_list(n_train, plan))

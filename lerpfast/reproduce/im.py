@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lerpfast.reproduce._common import Context, fmt
+from lerpfast.reproduce._common import Context, fmt, threads
 
 TITLE = ('Im, Tao & Branson (2016), "An empirical analysis of the optimization of deep network loss surfaces": '
          "optimizers from one initialization, surfaces between their solutions, basins, switching, batch norm")
@@ -99,7 +99,8 @@ def _train_all(ctx: Context, st: _Setting) -> tuple[dict, dict]:
     runs, switched = {}, {}
     jobs = [("opt", o, bn) for bn in (False, True) for o in OPTIMIZERS]
     jobs += [("switch", p, bn) for bn in (False, True) for p in SWITCH_AT]
-    with ctx.stage("train: 6 optimizers and 3 switches, without and with batch norm", total=len(jobs)) as bar:
+    with ctx.stage("train: 6 optimizers and 3 switches, without and with batch norm", total=len(jobs)) as bar, \
+            threads(1):
         for kind, key, bn in jobs:
             if kind == "opt":
                 # without batch norm a second replicate: same initialization, another minibatch order
