@@ -585,12 +585,12 @@ def sweep(
         timings["evaluate"] = clock() - t
         elapsed = clock() - t0
         t = clock()
-        if world > 1 and store is not None:
-            metrics = _broadcast(metrics if rank == 0 else None)  # rank 0 read the store: every rank returns it
-        if handle is not None:
+        if handle is not None:  # the store holds earlier runs' points too
             stored = rs.read(name or "sweep")
             metrics = {k: np.asarray(v, dtype=np.float64) for k, v in stored.metrics.items()
                        if not np.all(np.isnan(v))}  # e.g. top5_error of a model with < 5 classes
+        if world > 1 and store is not None:
+            metrics = _broadcast(metrics if rank == 0 else None)  # rank 0 read the store: every rank returns it
         n = ev.num_samples
         meta.update({
             "num_samples": int(n), "points_per_pass": P, "points_computed": int(len(todo)), "world_size": world,

@@ -56,3 +56,32 @@ def test_distributed_true_without_process_group_is_an_error():
     a, b, data = _setup()
     with pytest.raises(RuntimeError, match="torchrun"):
         lerpfast.sweep(a, (a, b), [0.5], data, distributed=True)
+
+
+def _worker_store(rank: int, world: int, port: int, out_dir: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        a, b, data = _setup()
+        kw = dict(precision="fp64", points_per_pass=2, batch_size=5, store=os.path.join(out_dir, "s.h5"), name="l")
+        first = lerpfast.sweep(a, (a, b), "-0.5:1.5:7", data, **kw)
+        again = lerpfast.sweep(a, (a, b), "-0.5:1.5:7", data, **kw)  # complete in the store: nothing computed
+        np.savez(os.path.join(out_dir, f"rank{rank}.npz"), computed=again.meta["points_computed"],
+                 **{f"first_{k}": v for k, v in first.metrics.items()},
+                 **{f"again_{k}": v for k, v in again.metrics.items()})
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_returns_the_stored_result_on_a_rerun(tmp_path):
+    """Rank 0 reads the store (earlier runs' points included) before it broadcasts: every rank gets all points."""
+    mp.spawn(_worker_store, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    a, b, data = _setup()
+    single = lerpfast.sweep(a, (a, b), "-0.5:1.5:7", data, precision="fp64", batch_size=5)
+    for rank in range(2):
+        got = np.load(tmp_path / f"rank{rank}.npz")
+        assert int(got["computed"]) == 0
+        for k, v in single.metrics.items():
+            np.testing.assert_allclose(got[f"first_{k}"], v, rtol=1e-12, err_msg=f"rank {rank} {k}")
+            np.testing.assert_allclose(got[f"again_{k}"], v, rtol=1e-12, err_msg=f"rank {rank} {k} (re-run)")
