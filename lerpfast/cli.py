@@ -1,8 +1,8 @@
 """``lerpfast``: the command line.
 
 Sub-commands: ``sweep`` (line, bilinear, barycentric, plane, random, ray), ``show``, ``plot``, ``train``,
-``reproduce``, ``data``, ``bench``, ``demo``. Options of ``sweep`` are generated from :class:`SweepOptions` (field
-help texts), those of ``train`` from :class:`lerpfast.train.TrainConfig`.
+``reproduce``, ``warmup``, ``data``, ``bench``, ``demo``. Options of ``sweep`` are generated from
+:class:`SweepOptions` (field help texts), those of ``train`` from :class:`lerpfast.train.TrainConfig`.
 
 Exit codes: 0 success; 2 usage (bad option or value); 3 data or checkpoint problem; 4 result-store problem
 (file in use, corrupt, a different sweep under the same name); 130 interrupted. Expected errors print one line,
@@ -485,7 +485,7 @@ def _add_bench(sub) -> None:
                        description="Run benchmarks/bench_<name>.py (they ship with the source tree). Arguments "
                                    "after -- go to the script. Each writes JSON under benchmarks/results/.",
                        epilog="examples:\n  lerpfast bench --list\n  lerpfast bench sweep_cpu\n"
-                              "  lerpfast bench sweep_gpu -- --models resnet20 --precision bf16",
+                              "  lerpfast bench sweep_gpu -- --models resnet20 --methods loop_bf16_cl,lerpfast_bf16",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", help="benchmark names (bench_<name>.py); default: all")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")

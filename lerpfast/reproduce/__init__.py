@@ -148,7 +148,7 @@ def run_cli(args: argparse.Namespace) -> int:
     papers = list(PAPERS) if args.paper == "all" else [args.paper]
     command = "lerpfast " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
     for paper in papers:
-        out = args.out if len(papers) == 1 else (Path(args.out or "reproduce") / paper)
+        out = args.out if len(papers) == 1 else (Path(args.out) / paper if args.out else None)  # reproduce-<paper>
         res = reproduce(paper, out=out, dataset=args.dataset, model=args.model, quick=args.quick,
                         device=args.device, threads=args.threads, progress=False if args.no_progress else None,
                         command=command)

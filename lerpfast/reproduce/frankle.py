@@ -21,6 +21,7 @@ schedule's powers of two, 21 points per line on 500 test images. :func:`run` rec
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from lerpfast.reproduce._common import Context, fmt, fmt_pm
+from lerpfast.reproduce._common import Context, fmt, fmt_pm, threads
 
 __all__ = ["TITLE", "DEFAULTS", "Setting", "Lines", "pick_ts", "run_lines", "lines_figure", "max_increase_figure",
            "init_final_figure", "format_table", "half_drop_alpha", "run"]
@@ -130,7 +131,9 @@ def run_lines(ctx: Context, s: Setting) -> Lines:
 
     config = dict(model=s.model, dataset=s.dataset, steps=s.steps, checkpoints="frankle", **s.train)
     t0 = time.perf_counter()
-    with ctx.stage(f"train {s.title} ({s.replicates} replicates)", total=s.replicates) as bar:
+    mlp = s.model.startswith(("lenet", "mlp"))  # MLP steps are too small to share between threads
+    with ctx.stage(f"train {s.title} ({s.replicates} replicates)", total=s.replicates) as bar, \
+            (threads(1) if mlp else contextlib.nullcontext()):
         for r in range(s.replicates):  # one call per replicate, for the progress bar (finished ones are skipped)
             run_dir = ctx.train(replicates=r + 1, **config)
             bar.update()
