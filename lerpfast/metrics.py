@@ -26,6 +26,18 @@ def default_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, target, reduction="none")
 
 
+def _fused(logits: torch.Tensor) -> bool:
+    """Whether a batch's metrics go through the dispatched fused kernel: on CUDA (or with LERPFAST_BACKEND=triton),
+    for fp32 / bf16 / fp16 logits (an fp64 sweep is the reference: it keeps the float64 torch path)."""
+    if logits.dtype == torch.float64 or logits.dim() != 3:
+        return False
+    if logits.device.type == "cuda":
+        return True
+    from lerpfast.engine.dispatch import forced_backend
+
+    return forced_backend() == "triton"
+
+
 class PointMetrics:
     """Accumulates the metrics of K points batch by batch.
 
@@ -49,16 +61,27 @@ class PointMetrics:
         against 1 ms here; the values are the same to float64 rounding.
         """
         K, C = logits.shape[0], logits.shape[-1]
-        z = logits.reshape(K, -1, C).double()  # (K, N, C), reductions in float64
-        t = target.reshape(-1).to(z.device)
+        t = target.reshape(-1).to(logits.device)
         n = t.shape[0]
-        if z.shape[1] != n:
-            raise ValueError(f"logits have {z.shape[1]} samples per point but targets have {n}")
+        if logits.numel() != K * n * C:
+            raise ValueError(f"logits have {logits.numel() // max(1, K * C)} samples per point but targets have {n}")
         if self.sums is None:
             self.num_classes = C
-            self.sums = {k: torch.zeros(K, dtype=torch.float64, device=z.device) for k in METRIC_NAMES}
+            self.sums = {k: torch.zeros(K, dtype=torch.float64, device=logits.device) for k in METRIC_NAMES}
         s = self.sums
         by_class = not (t.is_floating_point() or t.is_complex())  # class indices (a custom loss may regress)
+        if by_class and not self.custom_loss and _fused(logits):
+            # one Triton pass over the (K, N, C) logits instead of ~10 float64 torch kernels (lerpfast.kernels.
+            # point_metrics), chosen by measurement against the torch path like every dispatched op
+            from lerpfast.engine import dispatch
+
+            sums = dispatch.point_metrics(logits.reshape(K, n, C), t, None if ref_logits is None
+                                          else ref_logits.reshape(n, C))
+            for k in METRIC_NAMES:
+                s[k] += sums[k]
+            self.count += n
+            return
+        z = logits.reshape(K, -1, C).double()  # (K, N, C), reductions in float64
         if by_class:
             tk = t.reshape(1, n, 1).expand(K, n, 1)
             zt = z.gather(-1, tk)  # (K, N, 1): the target's logit

@@ -4,6 +4,7 @@ import json
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -228,3 +229,27 @@ def test_planning_records_without_running(monkeypatch):
     assert out.device.type == "meta" and out.dtype == torch.bfloat16  # autocast's dtype, as on the GPU
     assert [ln.name for ln in rec.launches] == ["_lerp_linear_fwd_kernel"]
     assert dict(rec.launches[0].constexprs)["DOT"] == 2 and dispatch.report() == {}
+
+
+def test_sweep_metrics_through_the_fused_kernel(monkeypatch):
+    """PointMetrics sends fp32 logits to the dispatched point_metrics kernel (here forced, under the interpreter):
+    a whole sweep's loss, errors, distance and disagreement equal the float64 torch path's."""
+    pytest.importorskip("triton")
+    from lerpfast.kernels import _common
+
+    if torch.cuda.is_available() or not _common.INTERPRET:
+        pytest.skip("needs the interpreter (CPU)")
+    import lerpfast
+
+    torch.manual_seed(0)
+    a, b = (torch.nn.Sequential(torch.nn.Linear(7, 11), torch.nn.ReLU(), torch.nn.Linear(11, 6)) for _ in range(2))
+    data = (torch.randn(53, 7), torch.randint(0, 6, (53,)))
+    kw = dict(batch_size=20, fuse=False)
+    want = lerpfast.sweep(a, (a, b), "-0.5:1.5:5", data, **kw)
+    monkeypatch.setenv("LERPFAST_BACKEND", "triton")
+    dispatch.reset()
+    got = lerpfast.sweep(a, (a, b), "-0.5:1.5:5", data, **kw)
+    assert dispatch.report()["point_metrics"] == {"triton": 3}  # 3 batches, one kernel launch each
+    assert sorted(got.metrics) == sorted(want.metrics)
+    for k, v in want.metrics.items():
+        np.testing.assert_allclose(got.metrics[k], v, rtol=2e-6, atol=1e-7, err_msg=k)
