@@ -58,13 +58,18 @@ def _checkpoints(name: str, in_shape, classes: int):
     return a, b
 
 
-def run(name: str, K: int, n: int, threads: int, repeats: int) -> dict:
+def _problem(name: str, K: int, n: int):
+    """Two networks, n random samples (never zeros) with labels, and K coordinates of the line between them."""
     in_shape, classes, _ = SETTINGS[name]
     a, b = _checkpoints(name, in_shape, classes)
     g = torch.Generator().manual_seed(0)
     x = torch.randn((n, *in_shape), generator=g)
     y = torch.randint(0, classes, (n,), generator=g)
-    alphas = np.linspace(-0.5, 1.5, K)
+    return a, b, x, y, np.linspace(-0.5, 1.5, K)
+
+
+def run(name: str, K: int, n: int, threads: int, repeats: int) -> dict:
+    a, b, x, y, alphas = _problem(name, K, n)
     out = {"model": name, "K": K, "num_samples": n, "params": sum(p.numel() for p in a.parameters())}
     results, best = {}, dict.fromkeys(METHODS, float("inf"))
     # repeats interleave the methods, so a load change on the machine hits all of them alike; best of the repeats
@@ -164,12 +169,7 @@ def profile_overhead(repeats: int, threads: int, K: int = 8, n: int = 10_000, ba
     import copy
 
     name = "lenet_300_100"
-    in_shape, classes, _ = SETTINGS[name]
-    a, b = _checkpoints(name, in_shape, classes)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn((n, *in_shape), generator=g)
-    y = torch.randint(0, classes, (n,), generator=g)
-    alphas = np.linspace(-0.5, 1.5, K)
+    a, b, x, y, alphas = _problem(name, K, n)
 
     def sweep(model=a, data=(x, y)):
         return lerpfast.sweep(model, (model, b), alphas, data, batch_size=batch_size, progress=False)

@@ -208,3 +208,17 @@ def test_gpu_session_dry(tmp_path):
     assert steps["env"]["status"] == "ok" and steps["bench"]["status"] == "ok" and set(steps) == {"env", "bench"}
     assert [r for r in recs if r["type"] == "header"][0]["commit"]  # LERPFAST_COMMIT or git
     assert "every step passed" in proc.stdout and "| lenet_300_100 |" in proc.stdout
+
+
+def test_help(bench, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--help"])
+    assert e.value.code == 0
+    assert "--dry-run-cpu" in capsys.readouterr().out
+
+
+def test_refuses_without_cuda(bench, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert bench.main(["--models", "resnet20"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

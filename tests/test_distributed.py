@@ -41,12 +41,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_points_sharded_over_two_ranks(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def _two_ranks(worker, tmp_path):
+    """Run ``worker`` on 2 gloo ranks; returns the single-process result and each rank's saved arrays."""
+    mp.spawn(worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     a, b, data = _setup()
     single = lerpfast.sweep(a, (a, b), "-0.5:1.5:7", data, precision="fp64", batch_size=5)
-    for rank in range(2):
-        got = np.load(tmp_path / f"rank{rank}.npz")
+    return single, [np.load(tmp_path / f"rank{rank}.npz") for rank in range(2)]
+
+
+def test_points_sharded_over_two_ranks(tmp_path):
+    single, ranks = _two_ranks(_worker, tmp_path)
+    for rank, got in enumerate(ranks):
         assert int(got["world"]) == 2
         for k, v in single.metrics.items():
             np.testing.assert_allclose(got[k], v, rtol=1e-12, err_msg=f"rank {rank} {k}")
@@ -76,11 +81,8 @@ def _worker_store(rank: int, world: int, port: int, out_dir: str):
 
 def test_every_rank_returns_the_stored_result_on_a_rerun(tmp_path):
     """Rank 0 reads the store (earlier runs' points included) before it broadcasts: every rank gets all points."""
-    mp.spawn(_worker_store, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    a, b, data = _setup()
-    single = lerpfast.sweep(a, (a, b), "-0.5:1.5:7", data, precision="fp64", batch_size=5)
-    for rank in range(2):
-        got = np.load(tmp_path / f"rank{rank}.npz")
+    single, ranks = _two_ranks(_worker_store, tmp_path)
+    for rank, got in enumerate(ranks):
         assert int(got["computed"]) == 0
         for k, v in single.metrics.items():
             np.testing.assert_allclose(got[f"first_{k}"], v, rtol=1e-12, err_msg=f"rank {rank} {k}")

@@ -361,15 +361,9 @@ def _small_claims(ctx: Context, lines: Lines, data_note: str) -> None:
     f = _init_final(lines)
     where = f"{s.title}; {data_note}" if data_note else s.title
     reduced = f"{lines.final} iterations (Frankle: 18,760, 40 epochs)"
-    ctx.claim(
-        "MNIST network: test loss decreases monotonically from initialization to the trained weights "
-        "(Goodfellow et al.'s finding holds)", "Fig. 1 (LeNet-300-100, MNIST); abstract",
-        f"max increase along theta_0 -> final: loss {fmt_pm(f['max_increase_loss'], f['max_increase_loss_std'])}, "
-        f"error {fmt_pm(f['max_increase_error'], f['max_increase_error_std'])} ({n} replicates)",
-        f["max_increase_loss"] <= LOSS_TOL * f["start_loss"] and f["max_increase_error"] <= ERROR_TOL,
-        note=f"{where}; {reduced}; a rise counts above 1 % of the starting loss / 1 point of error",
-        max_increase_loss=f["max_increase_loss"], max_increase_error=f["max_increase_error"],
-        max_increase_loss_std=f["max_increase_loss_std"], max_increase_error_std=f["max_increase_error_std"])
+    _monotone_claim(ctx, "MNIST network: test loss decreases monotonically from initialization to the trained weights "
+                    "(Goodfellow et al.'s finding holds)", "Fig. 1 (LeNet-300-100, MNIST); abstract", f, n,
+                    f"{where}; {reduced}")
     ctx.claim(
         "MNIST network: the init -> final loss has Goodfellow et al.'s simple, roughly convex shape",
         "abstract (quoting Goodfellow et al.); Fig. 1",
@@ -397,6 +391,18 @@ def _small_claims(ctx: Context, lines: Lines, data_note: str) -> None:
     ctx.facts["small_init_final"] = f
 
 
+def _monotone_claim(ctx: Context, claim: str, source: str, f: dict, n: int, where: str) -> None:
+    """The init -> final line falls monotonically: max increase of loss and error within the tolerances."""
+    ctx.claim(
+        claim, source,
+        f"max increase along theta_0 -> final: loss {fmt_pm(f['max_increase_loss'], f['max_increase_loss_std'])}, "
+        f"error {fmt_pm(f['max_increase_error'], f['max_increase_error_std'])} ({n} replicates)",
+        f["max_increase_loss"] <= LOSS_TOL * f["start_loss"] and f["max_increase_error"] <= ERROR_TOL,
+        note=f"{where}; a rise counts above 1 % of the starting loss / 1 point of error",
+        max_increase_loss=f["max_increase_loss"], max_increase_error=f["max_increase_error"],
+        max_increase_loss_std=f["max_increase_loss_std"], max_increase_error_std=f["max_increase_error_std"])
+
+
 def _modern_claims(ctx: Context, lines: Lines, dataset: str) -> None:
     s = lines.setting
     n = s.replicates
@@ -405,15 +411,8 @@ def _modern_claims(ctx: Context, lines: Lines, dataset: str) -> None:
     where = (f"ResNet-20 on {dataset}" + ("" if on_cifar else " (the paper: CIFAR-10, not available here)")
              + f"; {lines.final} of 62,560 iterations, lr drops at 50 % / 75 % of them; "
              + (f"{s.points} points on {s.eval_limit} test images" if s.eval_limit else f"{s.points} points"))
-    ctx.claim(
-        "CIFAR-10 network: from initialization the loss is roughly monotonically non-increasing",
-        "abstract; Fig. 1 (ResNet-20, CIFAR-10)",
-        f"max increase along theta_0 -> final: loss {fmt_pm(f['max_increase_loss'], f['max_increase_loss_std'])}, "
-        f"error {fmt_pm(f['max_increase_error'], f['max_increase_error_std'])} ({n} replicates)",
-        f["max_increase_loss"] <= LOSS_TOL * f["start_loss"] and f["max_increase_error"] <= ERROR_TOL,
-        note=f"{where}; a rise counts above 1 % of the starting loss / 1 point of error",
-        max_increase_loss=f["max_increase_loss"], max_increase_error=f["max_increase_error"],
-        max_increase_loss_std=f["max_increase_loss_std"], max_increase_error_std=f["max_increase_error_std"])
+    _monotone_claim(ctx, "CIFAR-10 network: from initialization the loss is roughly monotonically non-increasing",
+                    "abstract; Fig. 1 (ResNet-20, CIFAR-10)", f, n, where)
     ctx.claim(
         "CIFAR-10 network: the loss from initialization remains high until close to the optimum (not convex)",
         "abstract; Fig. 1",
