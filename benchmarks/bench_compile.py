@@ -90,7 +90,7 @@ def run_one(model: str, precision: str, K: int, workers: int | None, arch: int, 
         f.write("\n")
     for v in res["variants"]:
         print(f"  {v['seconds']:6.2f} s  {v['kernel']}" + (f"  FAILED {v['error']}" if v["error"] else ""))
-    print(f"{model} {precision}: {len(pl.launches)} launches per forward, {res['compiles']} variants compiled for "
+    print(f"{model} {precision}: {len(pl.launches)} launches per batch, {res['compiles']} variants compiled for "
           f"{res['target']} with {res['workers']} threads; load average {load0[0]:.2f} -> {os.getloadavg()[0]:.2f}; "
           f"wrote {os.path.relpath(path, ROOT)}")
     shutil.rmtree(cache, ignore_errors=True)

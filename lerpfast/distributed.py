@@ -50,9 +50,28 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> tupl
         backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, store=_attempt_store(rank, world, timeout), rank=rank, world_size=world,
+                            timeout=timeout)
     atexit.register(_destroy)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _attempt_store(rank: int, world: int, timeout: timedelta):
+    """The launcher's key-value store, under a prefix unique to this launch attempt.
+
+    With ``--max-restarts`` torchrun relaunches every rank on the same store; without a per-attempt prefix, a
+    relaunched rank can read the previous attempt's gloo addresses before the new ones are written and fail with
+    "connection refused" (seen about one restart in three on a 2-core machine).
+    """
+    import torch.distributed as dist
+
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=(rank == 0 and not agent_store), timeout=timeout,
+                          **({} if agent_store else {"multi_tenant": True}))
+    return dist.PrefixStore(f"lerpfast/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _destroy() -> None:

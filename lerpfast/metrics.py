@@ -33,9 +33,9 @@ def _fused(logits: torch.Tensor) -> bool:
         return False
     if logits.device.type == "cuda":
         return True
-    from lerpfast.engine.dispatch import forced_backend
+    from lerpfast.engine.dispatch import forced_backend, planned
 
-    return forced_backend() == "triton"
+    return forced_backend() == "triton" or planned(logits.device)
 
 
 class PointMetrics:

@@ -57,7 +57,8 @@ def test_plan_matches_the_kernels_a_sweep_launches(monkeypatch, clean_dispatch, 
     net = models.create("resnet20", in_shape=shape).eval()
     other = models.create("resnet20", in_shape=shape).state_dict()
     pl = warmup.plan(net, precision, K, batch=batch, input_shape=shape)
-    assert {v.name for v in pl.variants} == {"_lerp_conv2d_fwd_kernel", "_lerp_mix_kernel", "_lerp_linear_fwd_kernel"}
+    assert {v.name for v in pl.variants} == {"_lerp_conv2d_fwd_kernel", "_lerp_mix_kernel", "_lerp_linear_fwd_kernel",
+                                             "_point_metrics_kernel"}  # the batch's metrics: one fused kernel
 
     seen = _interpreted_launches(monkeypatch)
     monkeypatch.setenv("LERPFAST_BACKEND", "triton")
@@ -187,8 +188,8 @@ def test_warmup_cross_compiles_without_gpu(tmp_path):
                           timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("compiles=4 seconds=")
+    assert last.startswith("compiles=5 seconds=")  # 3 linear layers (2 share a variant), the mix, the metrics
     rec = json.loads(out.read_text())
     assert rec["compile"]["errors"] == 0 and "sm_90" in rec["compile"]["target"]
     cubins = [f for _, _, fs in os.walk(tmp_path / "cache") for f in fs if f.endswith(".cubin")]
-    assert len(cubins) == 4
+    assert len(cubins) == 5

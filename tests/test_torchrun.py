@@ -51,11 +51,13 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _torchrun(script_args: list[str], cwd: Path, nproc: int = 2, timeout: float = 240,
-             restarts: int = 0) -> subprocess.CompletedProcess:
+def _torchrun(script_args: list[str], cwd: Path, nproc: int = 2, timeout: float = 240, restarts: int = 0,
+              rdzv: str = "static") -> subprocess.CompletedProcess:
+    port = _free_port()
+    where = (["--master-addr", "127.0.0.1", "--master-port", str(port)] if rdzv == "static"  # one node
+             else ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"])  # as across nodes
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-           "--max-restarts", str(restarts), "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           *script_args]
+           "--max-restarts", str(restarts), *where, *script_args]
     return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -130,13 +132,15 @@ def test_rank_dying_mid_sweep_keeps_what_was_written_and_rerun_completes(ckpts, 
     _assert_same(_read(store), single)
 
 
-def test_torchrun_restart_resumes_the_sweep_by_itself(ckpts, single, tmp_path):
+@pytest.mark.parametrize("rdzv", ["static", "c10d"])
+def test_torchrun_restart_resumes_the_sweep_by_itself(ckpts, single, tmp_path, rdzv):
     """With ``--max-restarts``, torchrun relaunches every rank after the failure; the relaunched sweep finds the
-    store and computes only the missing points, so the launch as a whole succeeds."""
+    store and computes only the missing points, so the launch as a whole succeeds. (Each attempt joins under its
+    own store prefix, lerpfast.distributed: without it about one relaunch in three failed to connect.)"""
     script = tmp_path / "die.py"
     script.write_text(_DIE)
     store = tmp_path / "dist.h5"
-    r = _torchrun([str(script), *_sweep_args(ckpts, store)], tmp_path, restarts=1)
+    r = _torchrun([str(script), *_sweep_args(ckpts, store)], tmp_path, restarts=1, rdzv=rdzv)
     assert r.returncode == 0, r.stdout + r.stderr
     computed = [int(line.split("computed ")[1].split()[0]) for line in r.stdout.splitlines() if "computed " in line]
     assert len(computed) == 1 and 0 < computed[0] <= 5, r.stdout  # the second attempt's share, not all 9

@@ -212,6 +212,11 @@ def planning(autocast: torch.dtype | None = None):
         _PLAN.reset(token)
 
 
+def planned(device: torch.device) -> bool:
+    """Whether ops on ``device`` are being planned (inside :func:`planning`, on ``meta``): they take a GPU's path."""
+    return _planned(device) is not None
+
+
 def _planned(device: torch.device) -> dict | None:
     plan = _PLAN.get()
     return plan if (plan is not None and device.type == "meta") else None

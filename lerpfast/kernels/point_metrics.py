@@ -38,7 +38,7 @@ def _first_argmax(z, cols, BLOCK_C: tl.constexpr):
     return tl.min(cand, axis=1), zmax
 
 
-@kernel("N")
+@kernel("N", "stride_zk", "stride_ok")  # batch-dependent sizes: one compile for every batch size
 def _point_metrics_kernel(
     Z_ptr, stride_zk, stride_zn, stride_zc,
     T_ptr,

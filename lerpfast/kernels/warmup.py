@@ -141,6 +141,7 @@ def plan(model: nn.Module | str, precision: str = "fp32", K: int = 32, *, batch:
     from lerpfast.engine.functional import Points
     from lerpfast.engine.model import MultiPointModel
     from lerpfast.kernels import launch
+    from lerpfast.metrics import PointMetrics
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
@@ -175,7 +176,10 @@ def plan(model: nn.Module | str, precision: str = "fp32", K: int = 32, *, batch:
                 mp(x, batch)
             finally:
                 mp.ctx.calibrate = False
-        mp(x, batch)
+        logits = mp(x, batch)  # (K [+ 1], batch, C)
+        # the metrics of the batch, as the sweep takes them (one fused kernel on a GPU)
+        target = torch.empty(batch, dtype=torch.long, device="meta")
+        PointMetrics(K, reference=reference).update(logits[:K], target, logits[K] if reference else None)
     dispatch._USED.clear()
     dispatch._USED.update(used_before)
     return Plan(name, precision, K + int(reference), batch, shape, rec.launches, seconds=time.perf_counter() - t0)
@@ -274,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
                   channels_last=args.channels_last)
         launches += pl.launches
         rec = pl.to_json()
-        print(f"{args.model} {p}: {len(pl.launches)} launches per forward, {len(pl.variants)} kernel variants "
+        print(f"{args.model} {p}: {len(pl.launches)} launches per batch, {len(pl.variants)} kernel variants "
               f"(planned in {pl.seconds:.1f} s)")
         if args.list:
             for v in rec["variants"]:
