@@ -154,6 +154,19 @@ def finish(acc, RELU, OUT_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
     return acc
 
 
+EPILOGUE_FLAGS = ("HAS_BN", "HAS_RES", "RELU")
+
+
+def epilogue_flags(bn, residual, relu) -> tuple[int, int, int]:
+    """The epilogue's runtime flags :data:`EPILOGUE_FLAGS` as 0 / 1.
+
+    Ints rather than bools (triton 3.6's interpreter cannot pass a Python bool as a runtime argument), and never
+    specialized on (each kernel lists them as ``do_not_specialize``), so one compiled variant serves every
+    combination of BN, residual and ReLU.
+    """
+    return int(bn is not None), int(residual is not None), int(bool(relu))
+
+
 def launch_options() -> dict:
     """Compile options of every launch: no FMA contraction (``enable_fp_fusion=False``).
 

@@ -33,7 +33,9 @@ from lerpfast.kernels._common import (
     as_operand,
     bias_bn,
     combine_tile,
+    EPILOGUE_FLAGS,
     dot_code,
+    epilogue_flags,
     finish,
     load_coefs,
     mma,
@@ -47,7 +49,8 @@ from lerpfast.kernels.lerp_linear import _bias_args, _bn_args, _check_points, le
 __all__ = ["lerp_conv2d", "lerp_conv2d_ref", "conv_out_size"]
 
 
-@kernel("NP", "H", "W", "OH", "OW", "KH", "KW", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W")
+@kernel("NP", "H", "W", "OH", "OW", "KH", "KW", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W",
+        *EPILOGUE_FLAGS)
 def _lerp_conv2d_fwd_kernel(
     X_ptr, stride_xk, stride_xn, stride_xc, stride_xh, stride_xw,
     WA_ptr, stride_wam, stride_wao, stride_wac, stride_wah, stride_waw,
@@ -206,7 +209,7 @@ def _conv_launch(x5, wa, wd, ba, bd, anchor_idx, coefs, stride, padding, dilatio
             out, *out.stride(),
             NP, C, H, W, CO, OH, OW, KH, KW,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-            bn is not None, residual is not None, bool(relu))
+            *epilogue_flags(bn, residual, relu))
     consts = dict(J=J, JB=JB, HAS_BIAS=ba is not None, DOT=dot, EMULATE_BF16=INTERPRET,
                   OUT_BF16=out.dtype == torch.bfloat16)
     launch(_lerp_conv2d_fwd_kernel, lambda b: (triton.cdiv(NP, b["BLOCK_M"]) * triton.cdiv(CO, b["BLOCK_O"]), K),

@@ -30,7 +30,9 @@ from lerpfast.kernels._common import (
     as_operand,
     bias_bn,
     combine_tile,
+    EPILOGUE_FLAGS,
     dot_code,
+    epilogue_flags,
     finish,
     load_coefs,
     mma,
@@ -43,7 +45,7 @@ from lerpfast.kernels.launch import kernel, launch
 __all__ = ["lerp_linear", "lerp_linear_ref", "lerp_mix", "lerp_mix_ref", "bn_fold", "epilogue_ref"]
 
 
-@kernel("N")
+@kernel("N", *EPILOGUE_FLAGS)
 def _lerp_linear_fwd_kernel(
     X_ptr, stride_xk, stride_xn, stride_xi,
     WA_ptr, stride_wam, stride_wao, stride_wai,
@@ -99,7 +101,7 @@ def _lerp_linear_fwd_kernel(
     tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=mask)
 
 
-@kernel("R", "TA")
+@kernel("R", "TA", *EPILOGUE_FLAGS)
 def _lerp_mix_kernel(
     B_ptr, stride_bt, stride_br, stride_bo,
     POS_ptr, C_ptr, stride_ck,
@@ -214,7 +216,7 @@ def lerp_mix(basis: torch.Tensor, pos: torch.Tensor, n_anchor_rows: int, anchor_
             res, srk, srr, sro,
             out, out.stride(0), out.stride(1), out.stride(2),
             R, OUT, n_anchor_rows,
-            bn is not None, residual is not None, bool(relu))
+            *epilogue_flags(bn, residual, relu))
     consts = dict(J=J, JB=JB, HAS_BIAS=b_anchors is not None, EMULATE_BF16=INTERPRET,
                   OUT_BF16=out.dtype == torch.bfloat16)
     launch(_lerp_mix_kernel, lambda b: (triton.cdiv(R, b["BLOCK_R"]) * triton.cdiv(OUT, b["BLOCK_O"]), K), args,
@@ -240,7 +242,7 @@ def _linear_launch(x3, wa, wd, ba, bd, anchor_idx, coefs, bn, residual, relu, do
             res, srk, srn, sro,
             out, out.stride(0), out.stride(1), out.stride(2),
             N, IN, OUT,
-            bn is not None, residual is not None, bool(relu))
+            *epilogue_flags(bn, residual, relu))
     consts = dict(J=J, JB=JB, HAS_BIAS=ba is not None, DOT=dot, EMULATE_BF16=INTERPRET,
                   OUT_BF16=out.dtype == torch.bfloat16)
     launch(_lerp_linear_fwd_kernel, lambda b: (triton.cdiv(N, b["BLOCK_N"]) * triton.cdiv(OUT, b["BLOCK_O"]), K),
