@@ -59,11 +59,20 @@ def get_extensions():
 
 ext_modules, cmdclass = get_extensions()
 
+
+def _readme() -> str:
+    path = os.path.join(HERE, "README.md")
+    if not os.path.exists(path):
+        return ""
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 setup(
     name="lerpfast",
     version=_version(),
     description="Loss-landscape sweeps: K weight-space points per forward pass",
-    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description=_readme(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["lerpfast", "lerpfast.*"]),
     python_requires=">=3.10",

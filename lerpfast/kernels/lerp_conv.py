@@ -29,11 +29,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from lerpfast.kernels import tiles
 from lerpfast.kernels._common import (
+    EPILOGUE_FLAGS,
     INTERPRET,
     as_operand,
     bias_bn,
     combine_tile,
-    EPILOGUE_FLAGS,
     dot_code,
     epilogue_flags,
     finish,

@@ -26,11 +26,11 @@ import triton.language as tl
 
 from lerpfast.kernels import tiles
 from lerpfast.kernels._common import (
+    EPILOGUE_FLAGS,
     INTERPRET,
     as_operand,
     bias_bn,
     combine_tile,
-    EPILOGUE_FLAGS,
     dot_code,
     epilogue_flags,
     finish,
