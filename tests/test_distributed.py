@@ -63,6 +63,18 @@ def test_distributed_true_without_process_group_is_an_error():
         lerpfast.sweep(a, (a, b), [0.5], data, distributed=True)
 
 
+def test_rank_environment_without_rendezvous_address_names_what_is_missing(monkeypatch):
+    from lerpfast.distributed import init_from_env
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(RuntimeError, match="MASTER_ADDR not"):
+        init_from_env("gloo")
+    assert not dist.is_initialized()
+
+
 def _worker_store(rank: int, world: int, port: int, out_dir: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -136,7 +136,7 @@ def test_rank_dying_mid_sweep_keeps_what_was_written_and_rerun_completes(ckpts, 
 def test_torchrun_restart_resumes_the_sweep_by_itself(ckpts, single, tmp_path, rdzv):
     """With ``--max-restarts``, torchrun relaunches every rank after the failure; the relaunched sweep finds the
     store and computes only the missing points, so the launch as a whole succeeds. (Each attempt joins under its
-    own store prefix, lerpfast.distributed: without it about one relaunch in three failed to connect.)"""
+    own store prefix, lerpfast.distributed: without it most relaunches here failed to connect or hung.)"""
     script = tmp_path / "die.py"
     script.write_text(_DIE)
     store = tmp_path / "dist.h5"
