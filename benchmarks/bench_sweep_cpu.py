@@ -44,9 +44,10 @@ from lerpfast.train import models
 METHODS = {"loop": dict(method="loop"), "vmap": dict(method="vmap"), "engine": dict(method="engine"),
            "engine_unfused": dict(method="engine", fuse=False)}
 SETTINGS = {
-    # model name, input shape, classes, data size (CPU-sized), points
-    "lenet_300_100": ((1, 28, 28), 10, 4096),
-    "resnet20": ((3, 32, 32), 10, 64),
+    # setting: zoo model, input shape, classes, data size (CPU-sized), batch size
+    "lenet_300_100": ("lenet_300_100", (1, 28, 28), 10, 4096, 512),
+    "resnet20": ("resnet20", (3, 32, 32), 10, 64, 64),  # one batch: every buffer is first touched in the sweep
+    "resnet20_4_batches": ("resnet20", (3, 32, 32), 10, 256, 64),  # as a sweep over a data set goes on
 }
 
 
@@ -60,8 +61,8 @@ def _checkpoints(name: str, in_shape, classes: int):
 
 def _problem(name: str, K: int, n: int):
     """Two networks, n random samples (never zeros) with labels, and K coordinates of the line between them."""
-    in_shape, classes, _ = SETTINGS[name]
-    a, b = _checkpoints(name, in_shape, classes)
+    model, in_shape, classes = SETTINGS[name][:3]
+    a, b = _checkpoints(model, in_shape, classes)
     g = torch.Generator().manual_seed(0)
     x = torch.randn((n, *in_shape), generator=g)
     y = torch.randint(0, classes, (n,), generator=g)
@@ -70,13 +71,15 @@ def _problem(name: str, K: int, n: int):
 
 def run(name: str, K: int, n: int, threads: int, repeats: int) -> dict:
     a, b, x, y, alphas = _problem(name, K, n)
-    out = {"model": name, "K": K, "num_samples": n, "params": sum(p.numel() for p in a.parameters())}
+    batch_size = min(n, SETTINGS[name][4])
+    out = {"model": SETTINGS[name][0], "setting": name, "K": K, "num_samples": n, "batch_size": batch_size,
+           "params": sum(p.numel() for p in a.parameters())}
     results, best = {}, dict.fromkeys(METHODS, float("inf"))
     # repeats interleave the methods, so a load change on the machine hits all of them alike; best of the repeats
     for _ in range(repeats):
         for method in METHODS:
             t0 = time.perf_counter()
-            r = lerpfast.sweep(a, (a, b), alphas, (x, y), batch_size=min(n, 512), progress=False, **METHODS[method])
+            r = lerpfast.sweep(a, (a, b), alphas, (x, y), batch_size=batch_size, progress=False, **METHODS[method])
             best[method] = min(best[method], time.perf_counter() - t0)
             results[method] = r
     for method in METHODS:
@@ -336,11 +339,11 @@ def main(argv=None) -> dict:
             print(f"baseline {args.baseline}: {r['model']:14s} lerpfast {r['engine']['speedup_vs_loop']:.2f}x the loop "
                   f"(unfused {r['engine_unfused']['speedup_vs_loop']:.2f}x, vmap {r['vmap']['speedup_vs_loop']:.2f}x)")
     for name in args.models:
-        n = 8 if args.quick else SETTINGS[name][2]
+        n = 8 if args.quick else SETTINGS[name][3]
         K = 3 if args.quick else args.K
         r = run(name, K, n, args.threads, 1 if args.quick else args.repeats)
         report["runs"].append(r)
-        print(f"{name:14s} K={K:3d} N={n:5d}  loop {r['loop']['image_points_per_s']:10.0f} img-pt/s   "
+        print(f"{name:18s} K={K:3d} N={n:5d}  loop {r['loop']['image_points_per_s']:10.0f} img-pt/s   "
               f"vmap {r['vmap']['image_points_per_s']:10.0f} ({r['vmap']['speedup_vs_loop']:.2f}x)   "
               f"lerpfast {r['engine']['image_points_per_s']:10.0f} ({r['engine']['speedup_vs_loop']:.2f}x; "
               f"unfused {r['engine_unfused']['speedup_vs_loop']:.2f}x)   "

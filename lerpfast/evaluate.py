@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from lerpfast._version import __version__
 from lerpfast.checkpoints import TensorDigestCache, describe, load_checkpoints
+from lerpfast.engine import buffers
 from lerpfast.engine.functional import ParamSlice, Points, combine
 from lerpfast.engine.fusion import resolve_fuse
 from lerpfast.engine.model import GraphedForward, engine_for, logits_of, precision_context, release_engine
@@ -581,7 +582,10 @@ def sweep(
         t_setup = clock() - t0
         timings["engine"] = t_setup
         t = clock()
-        P = _run_chunks(ev, aff, ref, batches, todo, P, rank, world, metrics, handle, device)
+        with buffers.pooled() as pool:  # large CPU activations recycled across layers and batches
+            P = _run_chunks(ev, aff, ref, batches, todo, P, rank, world, metrics, handle, device)
+            if pool is not None and pool.buffers:
+                meta["cpu_buffers"] = {"reused": pool.hits, "allocated": pool.misses, "bytes": pool.held_bytes()}
         timings["evaluate"] = clock() - t
         elapsed = clock() - t0
         t = clock()

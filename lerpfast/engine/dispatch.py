@@ -519,6 +519,8 @@ def _epilogue(y: torch.Tensor, bn, residual, relu: bool, channel_dim: int = -1) 
         return y
     if y.dtype in (torch.bfloat16, torch.float16) and (bn is not None or residual is not None):
         return epilogue_ref(y.float(), bn, residual, relu, channel_dim).to(y.dtype)
+    if F._owned_outputs():  # y is the op's fresh output: the same arithmetic in place, no (K, N, ...) temporaries
+        return epilogue_ref(y, bn, residual, relu, channel_dim, inplace=True)
     return epilogue_ref(y, bn, residual, relu, channel_dim)
 
 

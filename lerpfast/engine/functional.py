@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lerpfast.engine import buffers
+
 __all__ = ["ParamSlice", "Points", "combine", "combine_one", "lerp_linear", "lerp_conv"]
 
 
@@ -148,9 +150,24 @@ def _bank(w: ParamSlice, pts: Points) -> tuple[torch.Tensor, torch.Tensor]:
 def _mix(mix: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(K, T) @ (T, ...) -> (K, ...), in fp32 at least: the coefficients must not be rounded to bf16 by autocast."""
     dt = mix.dtype if mix.dtype == torch.float64 else torch.float32
+    y2 = y.reshape(y.shape[0], -1).to(dt)
     with torch.autocast(y.device.type, enabled=False):
-        out = torch.matmul(mix.to(dt), y.reshape(y.shape[0], -1).to(dt))
+        if _owned_outputs():  # into a recycled buffer (engine.buffers; plain torch.empty off the CPU)
+            out = torch.matmul(mix.to(dt), y2, out=buffers.empty((mix.shape[0], y2.shape[1]), dt, y.device))
+        else:
+            out = torch.matmul(mix.to(dt), y2)
     return out.reshape(mix.shape[0], *y.shape[1:])
+
+
+def _owned_outputs() -> bool:
+    """Whether ops may write their outputs in place / into recycled buffers: no autograd graph can be recording
+    (sweeps run under inference mode; an in-place op on a recorded output would only raise, never be wrong)."""
+    return torch.is_inference_mode_enabled() or not torch.is_grad_enabled()
+
+
+def _add_bias(out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``out + bias`` (bias broadcast against ``out``), in place on the freshly made ``out`` where allowed."""
+    return out.add_(bias) if _owned_outputs() else out + bias
 
 
 def points_bias(b: ParamSlice | None, pts: Points) -> torch.Tensor | None:
@@ -182,7 +199,7 @@ def lerp_linear(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Point
         out = torch.bmm(x, weight.to(x.dtype).transpose(1, 2))  # (K, N, out)
     bias = points_bias(b, pts)
     if bias is not None:
-        out = out + bias.to(out.dtype)[:, None, :]
+        out = _add_bias(out, bias.to(out.dtype)[:, None, :])
     return out
 
 
@@ -225,7 +242,7 @@ def lerp_conv(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Points,
         out = _grouped(conv, x, weight, None, stride, padding, dilation, groups)
     bias = points_bias(b, pts)
     if bias is not None:
-        out = out + bias.to(out.dtype).reshape((K, 1, -1) + (1,) * nd)
+        out = _add_bias(out, bias.to(out.dtype).reshape((K, 1, -1) + (1,) * nd))
     return out
 
 
@@ -256,7 +273,7 @@ def conv_per_point(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Po
             bk = shift if bk is None else torch.addcmul(shift, bk, scale)
         y = conv(x[k], wk, bk, stride, padding, dilation, groups)
         if out is None:
-            out = y.new_empty((K, *y.shape))
+            out = buffers.empty((K, *y.shape), y.dtype, y.device)  # recycled within a sweep (engine.buffers)
         if residual is not None:
             torch.add(y, residual[k].to(y.dtype), out=out[k])
             if relu:

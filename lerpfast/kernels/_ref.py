@@ -44,16 +44,19 @@ def bn_fold(weight, bias, running_mean, running_var, eps: float, anchor_idx: tor
     return scale, shift
 
 
-def epilogue_ref(y: torch.Tensor, bn, residual, relu: bool, channel_dim: int = -1) -> torch.Tensor:
-    """Reference epilogue on (K, N, ...) outputs: per-point per-channel BN affine, + residual, then ReLU."""
+def epilogue_ref(y: torch.Tensor, bn, residual, relu: bool, channel_dim: int = -1,
+                 inplace: bool = False) -> torch.Tensor:
+    """Reference epilogue on (K, N, ...) outputs: per-point per-channel BN affine, + residual, then ReLU.
+    ``inplace``: the same operations, rounded the same way, written over ``y``."""
     if bn is not None:
         scale, shift = bn
         shape = [1] * y.dim()
         shape[0] = scale.shape[0]
         shape[channel_dim] = scale.shape[1]
-        y = y * scale.to(y.dtype).reshape(shape) + shift.to(y.dtype).reshape(shape)
+        scale, shift = scale.to(y.dtype).reshape(shape), shift.to(y.dtype).reshape(shape)
+        y = y.mul_(scale).add_(shift) if inplace else y * scale + shift
     if residual is not None:
-        y = y + residual.to(y.dtype)
+        y = y.add_(residual.to(y.dtype)) if inplace else y + residual.to(y.dtype)
     if relu:
-        y = torch.relu(y)
+        y = torch.relu_(y) if inplace else torch.relu(y)
     return y
