@@ -60,10 +60,10 @@ def test_pooling_can_be_switched_off(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_inplace_epilogue_is_bit_identical(dtype):
     g = torch.Generator().manual_seed(0)
-    K, N, O, H, W = 3, 5, 7, 4, 3
-    y = torch.randn(K, N, O, H, W, generator=g, dtype=dtype)
-    bn = (torch.randn(K, O, generator=g, dtype=dtype), torch.randn(K, O, generator=g, dtype=dtype))
-    res = torch.randn(K, N, O, H, W, generator=g, dtype=dtype)
+    K, N, C, H, W = 3, 5, 7, 4, 3
+    y = torch.randn(K, N, C, H, W, generator=g, dtype=dtype)
+    bn = (torch.randn(K, C, generator=g, dtype=dtype), torch.randn(K, C, generator=g, dtype=dtype))
+    res = torch.randn(K, N, C, H, W, generator=g, dtype=dtype)
     y[0, 0, 0, 0, 0] = float("nan")
     for args in [(bn, res, True), (bn, None, False), (None, res, True), (None, None, True), (bn, None, True)]:
         ref = epilogue_ref(y, *args, channel_dim=2)

@@ -47,7 +47,7 @@ _RELU_METHODS = {"relu", "relu_"}
 def resolve_fuse(fuse, device: torch.device) -> bool:
     """``fuse`` ("auto" | True | False) for a model on ``device``: "auto" fuses on CUDA (one Triton kernel per
     chain) and on the CPU (per-point convolutions with BN folded into the weights and the add / ReLU written
-    into the result: ResNet-20 1.7x faster than unfused, benchmarks/results/sweep_cpu.json), not elsewhere."""
+    into the result: ResNet-20 1.9x faster than unfused, benchmarks/results/sweep_cpu.json), not elsewhere."""
     if not (fuse is True or fuse is False or (isinstance(fuse, str) and fuse == "auto")):
         raise ValueError(f"fuse={fuse!r}: expected 'auto', True or False")
     if fuse == "auto":
