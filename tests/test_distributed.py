@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -23,16 +24,23 @@ def _setup():
     return a, b.state_dict(), (torch.randn(19, 6, generator=g), torch.randint(0, 4, (19,), generator=g))
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str):
+@contextlib.contextmanager
+def _gloo_group(rank: int, world: int, port: int):
+    """This spawned process as ``rank`` of a gloo group on localhost, destroyed on exit."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str):
+    with _gloo_group(rank, world, port):
         a, b, data = _setup()
         r = lerpfast.sweep(a, (a, b), "-0.5:1.5:7", data, precision="fp64", points_per_pass=2, batch_size=5)
         np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **r.metrics, world=r.meta["world_size"])
-    finally:
-        dist.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -76,10 +84,7 @@ def test_rank_environment_without_rendezvous_address_names_what_is_missing(monke
 
 
 def _worker_store(rank: int, world: int, port: int, out_dir: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with _gloo_group(rank, world, port):
         a, b, data = _setup()
         kw = dict(precision="fp64", points_per_pass=2, batch_size=5, store=os.path.join(out_dir, "s.h5"), name="l")
         first = lerpfast.sweep(a, (a, b), "-0.5:1.5:7", data, **kw)
@@ -87,8 +92,6 @@ def _worker_store(rank: int, world: int, port: int, out_dir: str):
         np.savez(os.path.join(out_dir, f"rank{rank}.npz"), computed=again.meta["points_computed"],
                  **{f"first_{k}": v for k, v in first.metrics.items()},
                  **{f"again_{k}": v for k, v in again.metrics.items()})
-    finally:
-        dist.destroy_process_group()
 
 
 def test_every_rank_returns_the_stored_result_on_a_rerun(tmp_path):
