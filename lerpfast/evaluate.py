@@ -659,8 +659,10 @@ def _run_chunks(ev, aff: AffineSlice, ref, batches, todo: np.ndarray, P: int, ra
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the plain RuntimeError of torch's CPU allocator."""
-    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+    """An allocation failure on the GPU or the CPU (:func:`lerpfast.engine.oom.is_oom`)."""
+    from lerpfast.engine.oom import is_oom
+
+    return is_oom(exc)
 
 
 def _dist_info(distributed: bool | None) -> tuple[int, int]:

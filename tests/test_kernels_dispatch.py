@@ -123,8 +123,8 @@ def test_measure_drops_wrong_and_failing_candidates(monkeypatch):
     monkeypatch.setattr(dispatch, "_unavailable", lambda name, device: None)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        choice = dispatch._measure("lerp_linear", x.device, cands, torch_fn)
-    assert choice == "good"
+        choice, conclusive = dispatch._measure("lerp_linear", x.device, cands, torch_fn)
+    assert choice == "good" and conclusive
     msgs = " ".join(str(r.message) for r in rec)
     assert "disagrees" in msgs and "failed" in msgs
 

@@ -20,6 +20,11 @@ best of 5 after a warm-up); the fastest correct one is cached for that key and s
 ``$LERPFAST_CACHE/dispatch-<device>.json`` (default ``~/.cache/lerpfast``; versions of lerpfast, torch and
 triton are part of it), which later processes read instead of measuring (a stored triton choice still compiles
 in the background first). A candidate that raises, fails to compile or is wrong is dropped with one warning.
+Non-finite values must match torch's exactly (NaN where torch has NaN); a measurement on an output with NaN or
+inf values decides for the moment but is repeated on the next call and never written to the table. Out of
+memory (:func:`lerpfast.engine.oom.is_oom`) is never held against a candidate: it propagates to the sweep,
+which halves its points per pass, and the shape is measured again. Compiles run in daemon threads: a process
+exits without waiting for the ones it no longer needs.
 Nothing is measured while a CUDA graph is being captured or torch.compile is tracing: those calls use the
 cached choice or torch. ``LERPFAST_DISPATCH_TABLE=0`` turns the table off.
 
@@ -39,12 +44,13 @@ import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 
 from lerpfast.engine import functional as F
 from lerpfast.engine.functional import ParamSlice, Points
+from lerpfast.engine.oom import is_oom
 from lerpfast.kernels._ref import bn_fold, epilogue_ref
 
 __all__ = ["BackendUnavailable", "lerp_linear", "lerp_conv", "lerp_linear_fused", "lerp_conv_fused",
@@ -176,14 +182,39 @@ def _bench(fn: Callable[[], torch.Tensor], reps: int = 5) -> float:
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Whether a candidate's output agrees with the torch path's.
+
+    Non-finite values must match exactly (NaN where torch has NaN, the same infinities): a point whose weights
+    give NaN logits (an extrapolated batch norm with a negative running variance) is not a disagreement when
+    both paths say NaN, and a kernel that turns torch's NaN into a finite number is wrong. The finite values are
+    compared relative to the largest finite magnitude of the reference.
+    """
     if isinstance(out, dict):
         return all(_close(out[k], ref[k]) for k in ref)
     if out.shape != ref.shape:
         return False
     # tf32 / bf16 paths are compared with the same-precision torch path: both carry ~1e-3 relative error.
     tol = 1e-4 if (out.dtype == torch.float32 and not _tf32_on()) else 2e-2
-    scale = ref.double().abs().max().clamp_min(1.0)
-    return bool(((out.double() - ref.double()).abs().max() / scale) <= tol)
+    o, r = out.double(), ref.double()
+    fin_o, fin_r = torch.isfinite(o), torch.isfinite(r)
+    if not torch.equal(fin_o, fin_r):
+        return False
+    if not bool(fin_r.all()):
+        nan_o, nan_r = torch.isnan(o), torch.isnan(r)
+        if not torch.equal(nan_o, nan_r) or not torch.equal(o[~fin_r & ~nan_r], r[~fin_r & ~nan_r]):
+            return False
+        o, r = o[fin_r], r[fin_r]
+        if r.numel() == 0:
+            return True
+    scale = r.abs().max().clamp_min(1.0)
+    return bool(((o - r).abs().max() / scale) <= tol)
+
+
+def _finite(out) -> bool:
+    """Whether every value of a torch-path output is finite (a measurement on it is conclusive)."""
+    if isinstance(out, dict):
+        return all(_finite(v) for v in out.values())
+    return bool(torch.isfinite(out).all())
 
 
 def _tf32_on() -> bool:
@@ -238,15 +269,50 @@ def _run_planned(plan: dict, candidates: dict[str, Callable | None], torch_fn: C
 
 _PENDING: dict[tuple, dict] = {}  # full key -> {"futures": {backend: [Future]}, "failed": set(), "stored": choice}
 _COMPILING: dict[tuple, Future] = {}  # kernel variant (Launch.key()) -> its compile, shared by all shape keys
-_EXECUTOR: ThreadPoolExecutor | None = None
+_EXECUTOR: _DaemonPool | None = None
 _LOCK = threading.Lock()
 
 
-def _executor() -> ThreadPoolExecutor:
+class _DaemonPool:
+    """A minimal thread pool whose workers are daemon threads.
+
+    ``concurrent.futures.ThreadPoolExecutor`` joins its (non-daemon) workers at interpreter exit after running
+    every queued item, so a script that finished its sweep would sit in ``exit`` until all background kernel
+    compiles it no longer needs were done. Here queued compiles are dropped at exit and a running one is
+    abandoned: it only fills Triton's on-disk cache, which writes each entry atomically (a ptxas child process
+    finishes on its own).
+    """
+
+    def __init__(self, workers: int):
+        import queue
+
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"lerpfast-compile-{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def _work(self) -> None:
+        while True:
+            fut, fn, args = self._queue.get()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                fut.set_exception(exc)
+
+    def submit(self, fn: Callable, *args) -> Future:
+        fut: Future = Future()
+        self._queue.put((fut, fn, args))
+        return fut
+
+
+def _executor() -> _DaemonPool:
     global _EXECUTOR
     if _EXECUTOR is None:
         n = int(os.environ.get("LERPFAST_COMPILE_THREADS", 0)) or min(8, os.cpu_count() or 1)
-        _EXECUTOR = ThreadPoolExecutor(max_workers=n, thread_name_prefix="lerpfast-compile")
+        _EXECUTOR = _DaemonPool(n)
     return _EXECUTOR
 
 
@@ -423,18 +489,33 @@ def _run(op: str, key: tuple, device: torch.device, candidates: dict[str, Callab
             if not _ready(op, state):
                 _USED[(op, "torch")] += 1  # kernels still compiling: torch meanwhile
                 return torch_fn()
-            del _PENDING[full_key]
             usable = {n: (f if n not in state["failed"] else None) for n, f in candidates.items()}
             if state["stored"] is not None and usable.get(state["stored"]) is not None:
                 choice = state["stored"]
             else:
-                choice = _measure(op, device, usable, torch_fn)
-                _store_choice(device, full_key, choice)
+                # An out-of-memory error propagates (the sweep halves its points per pass) and leaves the key
+                # pending, so the next call measures again at the smaller size: it never becomes a torch choice.
+                choice, conclusive = _measure(op, device, usable, torch_fn)
+                if not conclusive:
+                    # non-finite values in torch's output: the candidates agreed or not on NaN points, which says
+                    # little about ordinary data. Decide for this call only and measure again on the next one,
+                    # up to three times, then keep the choice for this process without writing it to the table.
+                    state["inconclusive"] = state.get("inconclusive", 0) + 1
+                    if state["inconclusive"] < 3:
+                        fn = torch_fn if choice == "torch" else usable[choice]
+                        _USED[(op, choice)] += 1
+                        return fn()
+                else:
+                    _store_choice(device, full_key, choice)
+            del _PENDING[full_key]
         _CACHE[full_key] = choice
     fn = torch_fn if choice == "torch" else candidates[choice]
     try:
         out = fn()
-    except Exception as exc:  # a kernel that passed measurement failing later: fall back for good
+    except Exception as exc:
+        if choice == "torch" or is_oom(exc):
+            raise  # out of memory is the sweep's to handle (it halves the points per pass), not a wrong kernel
+        # a kernel that passed measurement failing later: fall back for good
         _warn_once(f"{op}:{choice}:late", f"lerpfast: {op} on {choice} failed ({exc!r}); using torch")
         _CACHE[full_key] = "torch"
         choice, out = "torch", torch_fn()
@@ -442,7 +523,13 @@ def _run(op: str, key: tuple, device: torch.device, candidates: dict[str, Callab
     return out
 
 
-def _measure(op: str, device: torch.device, candidates: dict[str, Callable | None], torch_fn: Callable) -> str:
+def _measure(op: str, device: torch.device, candidates: dict[str, Callable | None],
+             torch_fn: Callable) -> tuple[str, bool]:
+    """Check every candidate against torch and time it; returns ``(fastest correct backend, conclusive)``.
+
+    Not conclusive when torch's output holds non-finite values (the choice is then not written to the table).
+    Out-of-memory errors propagate: a candidate is never dropped for running out of memory.
+    """
     ref = torch_fn()
     timings = {"torch": _bench(torch_fn)}
     for name, fn in candidates.items():
@@ -458,8 +545,10 @@ def _measure(op: str, device: torch.device, candidates: dict[str, Callable | Non
                 continue
             timings[name] = _bench(fn)
         except Exception as exc:
+            if is_oom(exc):
+                raise
             _warn_once(f"{op}:{name}:err", f"lerpfast: {op} on {name} failed ({exc!r}); falling back")
-    return min(timings, key=timings.get)
+    return min(timings, key=timings.get), _finite(ref)
 
 
 def _shape_key(*tensors) -> tuple:
