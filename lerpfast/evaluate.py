@@ -561,7 +561,7 @@ def sweep(
                                grid_shape=aff.grid_shape)
         todo = np.asarray(handle.missing(), dtype=np.int64)
     if world > 1:
-        todo = _broadcast(todo)
+        todo = _broadcast(todo, device)
     timings["store"] = clock() - t
 
     P = max(1, min(int(points_per_pass or K), K))
@@ -594,7 +594,7 @@ def sweep(
             metrics = {k: np.asarray(v, dtype=np.float64) for k, v in stored.metrics.items()
                        if not np.all(np.isnan(v))}  # e.g. top5_error of a model with < 5 classes
         if world > 1 and store is not None:
-            metrics = _broadcast(metrics if rank == 0 else None)  # rank 0 read the store: every rank returns it
+            metrics = _broadcast(metrics if rank == 0 else None, device)  # rank 0 read the store: every rank returns it
         n = ev.num_samples
         meta.update({
             "num_samples": int(n), "points_per_pass": P, "points_computed": int(len(todo)), "world_size": world,
@@ -634,22 +634,30 @@ def _run_chunks(ev, aff: AffineSlice, ref, batches, todo: np.ndarray, P: int, ra
     while done < len(todo):
         round_ = todo[done:done + P * world]  # each rank takes P points of the round
         mine = round_[rank * P:(rank + 1) * P]
-        vals, oom = {}, False
+        vals, oom, err = {}, False, None
         try:
             if len(mine):
                 vals = ev.evaluate(aff.points(mine), ref, batches)
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if P == 1 or not _out_of_memory(exc):
+        except Exception as exc:
+            if P > 1 and _out_of_memory(exc):
+                oom = True
+            elif world == 1:
                 raise
-            oom = True
-        parts = [(mine, vals, oom)] if world == 1 else _all_gather(mine, vals, oom, world)
+            else:  # the other ranks are (or will be) waiting in the gather below: tell them, then fail together
+                err = exc
+        if world == 1:
+            parts = [(mine, vals, oom)]
+        else:
+            parts = _all_gather((mine, vals, oom, None if err is None else f"{type(err).__name__}: {err}"),
+                                world, device)
+            _raise_failed_rank(parts, rank, err)
         if any(p[2] for p in parts):  # out of memory anywhere: every rank halves and redoes the round
             P = max(1, P // 2)
             warnings.warn(f"out of memory with {len(mine)} points per pass: retrying with {P}", stacklevel=3)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        for idx, v, _ in parts:
+        for idx, v, *_ in parts:
             for key, arr in v.items():
                 metrics.setdefault(key, np.full(K, np.nan))[idx] = arr
             if handle is not None and len(idx):
@@ -677,19 +685,46 @@ def _dist_info(distributed: bool | None) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _all_gather(mine, vals, oom, world):
+def _raise_failed_rank(parts: list, rank: int, err: BaseException | None) -> None:
+    """After a round's gather: when any rank failed, every rank raises (none is left waiting for the others)."""
+    failed = [(r, p[3]) for r, p in enumerate(parts) if p[3] is not None]
+    if not failed:
+        return
+    if err is not None:
+        raise err
+    r, msg = failed[0]
+    raise RuntimeError(f"rank {r} of {len(parts)} failed evaluating points {np.asarray(parts[r][0]).tolist()}: {msg}. "
+                       f"Rounds finished before it are in the store; run the same command again to resume.")
+
+
+def _collective_device(device: torch.device | None):
+    """Where torch.distributed's object collectives stage their bytes: NCCL uses ``torch.cuda.current_device()``,
+    which only :func:`lerpfast.distributed.init_from_env` sets; for a group the user made, every rank would go
+    through cuda:0. Pin it to the sweep's device for the duration of the collective."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    if device is not None and device.type == "cuda" and dist.get_backend() == "nccl":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _all_gather(part: tuple, world: int, device: torch.device | None = None) -> list:
     import torch.distributed as dist
 
     out = [None] * world
-    dist.all_gather_object(out, (np.asarray(mine), vals, oom))
+    with _collective_device(device):
+        dist.all_gather_object(out, (np.asarray(part[0]),) + tuple(part[1:]))
     return out
 
 
-def _broadcast(obj):
+def _broadcast(obj, device: torch.device | None = None):
     import torch.distributed as dist
 
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    with _collective_device(device):
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 

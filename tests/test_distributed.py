@@ -102,3 +102,81 @@ def test_every_rank_returns_the_stored_result_on_a_rerun(tmp_path):
         for k, v in single.metrics.items():
             np.testing.assert_allclose(got[f"first_{k}"], v, rtol=1e-12, err_msg=f"rank {rank} {k}")
             np.testing.assert_allclose(got[f"again_{k}"], v, rtol=1e-12, err_msg=f"rank {rank} {k} (re-run)")
+
+
+def _worker_fails(rank: int, world: int, port: int, out_dir: str):
+    """Rank 1 raises in its second round; rank 0 must not wait for it until the process group's timeout."""
+    from lerpfast import evaluate
+
+    real, calls = evaluate._EngineEvaluator.evaluate, []
+
+    def evaluate_or_fail(self, pts, ref, data):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            raise ValueError("injected failure on rank 1")
+        return real(self, pts, ref, data)
+
+    evaluate._EngineEvaluator.evaluate = evaluate_or_fail
+    with _gloo_group(rank, world, port):
+        a, b, data = _setup()
+        try:
+            lerpfast.sweep(a, (a, b), "-0.5:1.5:7", data, precision="fp64", points_per_pass=2, batch_size=5,
+                           store=os.path.join(out_dir, "s.h5"), name="l")
+            msg = "no error"
+        except Exception as e:  # noqa: BLE001 - the test reads what each rank saw
+            msg = f"{type(e).__name__}: {e}"
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(msg)
+
+
+def test_a_failing_rank_fails_every_rank_at_once(tmp_path):
+    """An exception on one rank reaches the others at the next gather (they raise naming it) instead of leaving
+    them in a collective until the 30-minute timeout; the rounds gathered before stay in the store."""
+    import time
+
+    from lerpfast.store import ResultStore
+
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker_fails, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    t0 = time.perf_counter()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120 - (time.perf_counter() - t0))
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, "a rank was still waiting for the failed one"
+    seen = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert seen[1] == "ValueError: injected failure on rank 1"
+    assert seen[0].startswith("RuntimeError: rank 1 of 2 failed evaluating points") and "injected failure" in seen[0]
+    with ResultStore(tmp_path / "s.h5", mode="r") as store:
+        assert store.progress("l") == (4, 7)  # the first round (2 points per rank) was written
+
+
+def test_object_collectives_use_the_sweeps_gpu_under_nccl(monkeypatch):
+    """With NCCL the object collectives stage through torch.cuda.current_device(): they are pinned to the sweep's
+    device (a group the user initialized leaves every rank on cuda:0 otherwise)."""
+    from lerpfast import evaluate
+
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(str(self.device))
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(dist, "get_backend", lambda *a, **k: "nccl")
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), [obj] * len(out)))
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda box, src: None)
+    parts = evaluate._all_gather(([1, 2], {}, False, None), 2, torch.device("cuda", 3))
+    assert len(parts) == 2 and evaluate._broadcast("x", torch.device("cuda", 3)) == "x"
+    evaluate._broadcast("x", torch.device("cpu"))
+    assert entered == ["cuda:3", "cuda:3"]
