@@ -611,6 +611,7 @@ def sweep(
             meta["unrepeated_inputs"] = sorted(str(i) for i in ev.mp.unrepeated_inputs if isinstance(i, str))
             if ev.graphed is not None:
                 meta["cudagraphs"] = "failed: ran eagerly" if ev.graphed.failed else "replayed"
+                meta["cudagraph_stats"] = dict(ev.graphed.stats)  # captures, replays, eager calls while compiling
         failed = False
     finally:
         if ev is not None:

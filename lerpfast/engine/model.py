@@ -372,11 +372,17 @@ class GraphedForward:
     what limits small models at large K).
 
     A graph is captured per (input structure, shapes, dtypes, batch, autocast / tf32 state) for the current
-    points, after two eager warm-up calls on a side stream (the dispatcher measures and Triton autotunes
-    there; the BN folds are cached then, so the graph reads them as fixed inputs). :meth:`reset` drops the
-    graphs: call it after ``set_points`` or any change of the model's state (BN recalibration). A capture
-    that fails (an op that synchronizes with the host, e.g. the point-by-point fallback of an LSTM) warns once
-    and the forward runs eagerly from then on.
+    points. The first call with a new key runs eagerly, and so does every call while the dispatcher still has
+    kernels compiling or choices to measure (:func:`lerpfast.engine.dispatch.pending`): a graph records the
+    backend each op uses at capture time and replays never revisit it, so capturing while Triton compiles
+    would freeze torch into the graph for the rest of the chunk. Then two eager warm-up calls on a side stream
+    (the BN folds are cached there, so the graph reads them as fixed inputs) and the capture. All graphs share one
+    private memory pool: the partial last batch of a sweep reuses the full batches' memory instead of doubling it
+    (safe here because each replay's output is cloned before the next graph runs). :meth:`reset` drops the
+    graphs: call it after ``set_points`` or any change of the model's state (BN recalibration). Out of memory
+    during capture propagates (the sweep halves its points per pass and graphs stay on); any other capture
+    failure (an op that synchronizes with the host, e.g. the point-by-point fallback of an LSTM) warns once and
+    the forward runs eagerly from then on.
     """
 
     def __init__(self, mp: MultiPointModel):
@@ -384,41 +390,72 @@ class GraphedForward:
             raise RuntimeError("CUDA graphs need a CUDA device")
         self.mp = mp
         self.graphs: dict = {}
+        self.seen: set = set()
         self.failed = False
+        self.pool = None
+        self.stats = {"captures": 0, "replays": 0, "eager_while_compiling": 0}
 
     def reset(self) -> None:
         self.graphs.clear()
 
+    @staticmethod
+    def _on_device(tensors) -> bool:
+        return all(t.device.type == "cuda" for t in tensors)
+
+    @staticmethod
+    def _compiling() -> bool:
+        from lerpfast.engine import dispatch
+
+        return dispatch.pending() > 0
+
+    def _pool(self):
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        return self.pool
+
     def __call__(self, x, batch: int):
         leaves, spec = tree_flatten(x)
         tensors = [t for t in leaves if torch.is_tensor(t)]
-        if self.failed or not tensors or any(t.device.type != "cuda" for t in tensors):
+        if self.failed or not tensors or not self._on_device(tensors):
             return self.mp(x, batch)
         key = (str(spec), batch, _autocast_dtype(tensors[0].device), torch.backends.cuda.matmul.allow_tf32,
                torch.backends.cudnn.allow_tf32,
                tuple((tuple(t.shape), t.dtype, t.stride()) if torch.is_tensor(t) else repr(t) for t in leaves))
         entry = self.graphs.get(key)
         if entry is None:
+            if key not in self.seen:  # first sight: eager, so the dispatcher sees these shapes (starts compiles)
+                self.seen.add(key)
+                return self.mp(x, batch)
+            if self._compiling():  # choices not settled yet: eager until they are
+                self.stats["eager_while_compiling"] += 1
+                return self.mp(x, batch)
             try:
-                entry = self._capture(leaves, spec, batch)
-            except Exception as exc:  # any capture failure: eager from now on
+                entry = self._capture(leaves, spec, batch, self._pool())
+            except Exception as exc:
+                self.graphs.clear()
+                torch.cuda.synchronize()
+                from lerpfast.engine.oom import is_oom
+
+                if is_oom(exc):
+                    torch.cuda.empty_cache()
+                    raise  # the sweep halves its points per pass; graphs stay on
                 import warnings
 
                 warnings.warn(f"lerpfast: CUDA graph capture failed ({exc!r}); running eagerly", RuntimeWarning,
                               stacklevel=2)
                 self.failed = True
-                self.graphs.clear()
-                torch.cuda.synchronize()
                 return self.mp(x, batch)
             self.graphs[key] = entry
+            self.stats["captures"] += 1
         graph, static, out = entry
         for s, t in zip(static, leaves):
             if torch.is_tensor(t):
                 s.copy_(t)
         graph.replay()
-        return out.clone()  # the static output is overwritten by the next replay
+        self.stats["replays"] += 1
+        return out.clone()  # the static output is overwritten by the next replay (of any graph of the pool)
 
-    def _capture(self, leaves, spec, batch):
+    def _capture(self, leaves, spec, batch, pool):
         static = [t.clone() if torch.is_tensor(t) else t for t in leaves]
         sx = tree_unflatten(static, spec)
         side = torch.cuda.Stream()
@@ -428,7 +465,7 @@ class GraphedForward:
                 self.mp(sx, batch)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             out = self.mp(sx, batch)
         return graph, static, out
 
