@@ -160,3 +160,19 @@ def test_cli_add_parser_wires_into_a_parent():
                               "--max-resolution", "256", "--jpeg-quality", "85"])
     assert args.func is cli.run and args.data_cmd == "write-ffcv"
     assert (args.write_mode, args.max_resolution, args.jpeg_quality, args.split) == ("jpg", 256, 85, "train")
+
+
+def test_workers_start_from_a_fork_server_once_compile_threads_exist(tmp_path, monkeypatch):
+    """A process with background compile threads never forks DataLoader workers (a lock held by such a thread
+    at fork time would hang the worker); before any exist, the default start method is kept."""
+    from lerpfast.data import folder as folder_mod
+    from lerpfast.engine import dispatch
+
+    write_folder(tmp_path / "val", per_class=2)
+    monkeypatch.setattr(dispatch, "_EXECUTOR", None)
+    assert folder_mod._worker_context(2) is None and folder_mod._worker_context(0) is None
+    ref = [y for _, y in FolderLoader(tmp_path / "val", batch_size=4, size=16, resize=20, num_workers=0)]
+    dispatch._executor()  # what the first GPU sweep does
+    assert folder_mod._worker_context(1) == "forkserver"
+    got = [y for _, y in FolderLoader(tmp_path / "val", batch_size=4, size=16, resize=20, num_workers=1)]
+    assert [t.tolist() for t in got] == [t.tolist() for t in ref]

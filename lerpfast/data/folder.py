@@ -193,6 +193,21 @@ class _Subset(torch.utils.data.Dataset):
         return self.folder[index]
 
 
+def _worker_context(num_workers: int) -> str | None:
+    """How DataLoader workers are started: ``forkserver`` once lerpfast's kernel-compile threads exist.
+
+    Forking copies only the calling thread; a lock another thread held at that instant (Python's import lock
+    while a background compile imports a module, say) stays locked in the child forever, and the worker hangs
+    at its first lazy import (PIL loads its decoders on first use). Workers started from a fork server never
+    inherit those threads. Before any compile thread exists, the platform's default (fork on Linux, cheapest).
+    """
+    if num_workers <= 0:
+        return None
+    from lerpfast.engine import dispatch
+
+    return "forkserver" if dispatch.compile_threads_started() else None
+
+
 class FolderLoader:
     """Batches ``(x, y)`` of an :class:`ImageFolder` from a torch DataLoader, normalized on ``device``.
 
@@ -298,6 +313,7 @@ class FolderLoader:
             _Subset(self.folder, self._n), batch_size=self.batch_size, sampler=order, num_workers=self.num_workers,
             drop_last=self.drop_last, pin_memory=self.device.type == "cuda",
             persistent_workers=False, prefetch_factor=4 if self.num_workers > 0 else None,
+            multiprocessing_context=_worker_context(self.num_workers),
         )
         for x, y in loader:  # x: (B, 3, H, W) uint8
             x = x.to(self.device, non_blocking=True)

@@ -12,7 +12,7 @@ signatures of :mod:`lerpfast.engine.functional`. Backends:
                  its CPU kernels on CPU tensors. Linear only.
 
 Automatic choice (CUDA tensors): on the first call with a new shape key (op, shapes, dtypes, flags, tf32 setting)
-the triton candidate's kernels are described without running them (:func:`lerpfast.kernels.launch. recording`) and
+the triton candidate's kernels are described without running them (:func:`lerpfast.kernels.launch.recording`) and
 compiled in background threads; until they are ready, calls with that key run torch, so no sweep waits on compiling
 a candidate that may lose. Once every candidate is ready, each is run, checked against the torch path (max error
 within 2e-2 relative for bf16/tf32, 1e-4 for fp32; the metrics kernel per output, :data:`_METRIC_TOL`) and timed
@@ -334,6 +334,11 @@ class _DaemonPool:
         fut: Future = Future()
         self._queue.put((fut, fn, args))
         return fut
+
+
+def compile_threads_started() -> bool:
+    """Whether this process has background compile threads (forking it is then unsafe: see data.folder)."""
+    return _EXECUTOR is not None
 
 
 def _executor() -> _DaemonPool:
