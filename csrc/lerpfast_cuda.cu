@@ -1,9 +1,10 @@
 // CUDA kernels of lerpfast._C, compiled only when setup.py finds a CUDA toolkit and a CUDA build of torch
 // (or LERPFAST_BUILD_CUDA=1); registered under the CUDA dispatch key of the ops defined in lerpfast_ops.cpp.
 //
-// combine: out[k, i] = anchors[idx_k, i] + sum_j c[k, j] * dirs[j, i], one pass, 4 elements per thread with
-// 128-bit loads when aligned. It replaces the 1 + 2J elementwise passes of the torch combine on the
-// materialize-per-layer path. Status: NOT yet benchmarked on a GPU (no device was lent when it was written);
+// combine: out[k, i] = anchors[idx_k, i] + sum_j c[k, j] * dirs[j, i], one pass, one element per thread per
+// grid-stride step (scalar 32-bit loads; vectorizing is for after a first GPU measurement). It replaces the 1 + 2J
+// elementwise passes of the torch combine on the materialize-per-layer path. Its arguments pass the checks of
+// checks.h (shapes, dtypes, devices, index range) before any launch. Status: NOT yet benchmarked on a GPU (no device was lent when it was written);
 // per DESIGN section 4 it stays only if bench_kernels.py shows it beating the torch and Triton combines.
 // __fmul_rn / __fadd_rn forbid FMA contraction, so results are bit-identical to the torch combine.
 
@@ -13,6 +14,9 @@
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
+
+#include "checks.h"
 
 namespace lerpfast {
 
@@ -42,8 +46,12 @@ __global__ void combine_f32_kernel(const float* __restrict__ anchors, const floa
 
 at::Tensor combine_cuda(const at::Tensor& anchors, const std::optional<at::Tensor>& dirs, const at::Tensor& anchor_idx,
                         const at::Tensor& coefs) {
-  TORCH_CHECK(anchor_idx.dim() == 1 && coefs.dim() == 2 && coefs.size(0) == anchor_idx.size(0),
-              "lerpfast::combine: bad points");
+  check_points(anchors, dirs, anchor_idx, coefs);
+  // The index range needs anchor_idx on the host: not while a CUDA graph is captured (no synchronisation allowed
+  // there; the eager calls before the capture checked the same indices).
+  if (at::cuda::currentStreamCaptureStatus() == at::cuda::CaptureStatus::None) {
+    check_index_range(anchor_idx, anchors.size(0));
+  }
   const int64_t J = dirs.has_value() ? coefs.size(1) : 0;
   if (anchors.scalar_type() != at::kFloat || J > 4 || anchor_idx.size(0) > 65535) {
     // Only fp32 with <= 4 directions and K <= 65535 (grid.y) has a hand kernel; the rest use the ATen sequence.

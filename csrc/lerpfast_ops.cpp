@@ -15,24 +15,11 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "checks.h"
+
 namespace lerpfast {
 
 namespace {
-
-void check_points(const at::Tensor& anchors, const std::optional<at::Tensor>& dirs, const at::Tensor& anchor_idx,
-                  const at::Tensor& coefs) {
-  TORCH_CHECK(anchors.dim() >= 1, "lerpfast::combine: anchors must be (M, *S)");
-  TORCH_CHECK(anchor_idx.dim() == 1 && anchor_idx.scalar_type() == at::kLong,
-              "lerpfast::combine: anchor_idx must be a 1-d int64 tensor");
-  TORCH_CHECK(coefs.dim() == 2 && coefs.size(0) == anchor_idx.size(0),
-              "lerpfast::combine: coefs must be (K, J) with K = len(anchor_idx)");
-  if (dirs.has_value()) {
-    TORCH_CHECK(dirs->sizes().slice(1) == anchors.sizes().slice(1),
-                "lerpfast::combine: dirs must be (J, *S) with the anchors' *S");
-    TORCH_CHECK(dirs->size(0) >= coefs.size(1), "lerpfast::combine: fewer dirs than coefficient columns");
-    TORCH_CHECK(dirs->scalar_type() == anchors.scalar_type(), "lerpfast::combine: dirs and anchors differ in dtype");
-  }
-}
 
 std::vector<int64_t> points_shape(const at::Tensor& anchors, int64_t K) {
   std::vector<int64_t> shape(anchors.sizes().begin(), anchors.sizes().end());
@@ -45,7 +32,7 @@ std::vector<int64_t> points_shape(const at::Tensor& anchors, int64_t K) {
 // Device-agnostic combine from ATen ops: the exact sequence of lerpfast.engine.functional.combine.
 at::Tensor combine_composite(const at::Tensor& anchors, const std::optional<at::Tensor>& dirs,
                              const at::Tensor& anchor_idx, const at::Tensor& coefs) {
-  check_points(anchors, dirs, anchor_idx, coefs);
+  check_points(anchors, dirs, anchor_idx, coefs);  // (index range: index_select checks it; Meta has no values)
   at::Tensor out = anchors.index_select(0, anchor_idx);
   if (!dirs.has_value() || coefs.size(1) == 0) return out;
   std::vector<int64_t> view(anchors.dim(), 1);
@@ -72,9 +59,7 @@ at::Tensor combine_cpu(const at::Tensor& anchors, const std::optional<at::Tensor
   at::Tensor c = coefs.to(anchors.scalar_type()).contiguous();
   at::Tensor out = at::empty(points_shape(anchors, K), anchors.options());
   const int64_t* idx_p = idx.data_ptr<int64_t>();
-  for (int64_t k = 0; k < K; ++k) {
-    TORCH_CHECK(idx_p[k] >= 0 && idx_p[k] < M, "lerpfast::combine: anchor_idx out of range");
-  }
+  check_index_range(idx, M);
   constexpr int64_t kChunk = 4096;
   const int64_t chunks = (S + kChunk - 1) / kChunk;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, anchors.scalar_type(), "lerpfast_combine_cpu", [&] {

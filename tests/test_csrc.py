@@ -57,13 +57,30 @@ def test_combine_endpoints_exact():
 
 
 def test_combine_checks_arguments():
+    """The checks every kernel of combine shares (csrc/checks.h): the CUDA kernel runs the same before launching."""
     a, d = _slice(2, 1, (5,))
-    with pytest.raises(RuntimeError, match="out of range"):
-        ops.combine(a, d, torch.tensor([2]), torch.zeros(1, 1))
+    with pytest.raises(RuntimeError, match=r"anchor_idx holds 2, outside \[0, 2\)"):
+        ops.combine(a, d, torch.tensor([0, 2]), torch.zeros(2, 1))
+    with pytest.raises(RuntimeError, match=r"anchor_idx holds -1, outside \[0, 2\)"):
+        ops.combine(a, d, torch.tensor([-1, 1]), torch.zeros(2, 1))
     with pytest.raises(RuntimeError, match="int64"):
         ops.combine(a, d, torch.tensor([0], dtype=torch.int32), torch.zeros(1, 1))
-    with pytest.raises(RuntimeError, match="fewer dirs"):
+    with pytest.raises(RuntimeError, match="2 coefficient columns but only 1 dirs"):
         ops.combine(a, d, torch.tensor([0]), torch.zeros(1, 2))
+    with pytest.raises(RuntimeError, match="must be on one device"):
+        ops.combine(a.to("meta"), d.to("meta"), torch.tensor([0]), torch.zeros(1, 1, device="meta"))
+    with pytest.raises(RuntimeError, match="differ in dtype"):
+        ops.combine(a, d.double(), torch.tensor([0]), torch.zeros(1, 1))
+
+
+def test_cuda_combine_runs_the_shared_checks():
+    """The CUDA kernel cannot run here: its source must call the shared checks before any launch (an unchecked
+    index is an illegal address that kills the process, not an error)."""
+    from pathlib import Path
+
+    src = (Path(__file__).resolve().parents[1] / "csrc" / "lerpfast_cuda.cu").read_text()
+    body = src[src.index("at::Tensor combine_cuda("):src.index("<<<")]
+    assert "check_points(anchors, dirs, anchor_idx, coefs);" in body and "check_index_range(anchor_idx" in body
 
 
 def test_combine_meta_shapes():
