@@ -180,3 +180,28 @@ def test_object_collectives_use_the_sweeps_gpu_under_nccl(monkeypatch):
     assert len(parts) == 2 and evaluate._broadcast("x", torch.device("cuda", 3)) == "x"
     evaluate._broadcast("x", torch.device("cpu"))
     assert entered == ["cuda:3", "cuda:3"]
+
+
+def test_init_from_env_under_nccl_pins_the_local_gpu(monkeypatch):
+    """The NCCL branch of init_from_env, with torch.cuda and the process-group call faked: NCCL is chosen when each
+    process has a GPU, the process is pinned to cuda:LOCAL_RANK before the group exists, and the timeout is passed."""
+    from lerpfast import distributed as ldist
+
+    calls = {}
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("set_device", d))
+    monkeypatch.setattr(dist, "is_initialized", lambda: "init" in calls)
+    monkeypatch.setattr(ldist, "_attempt_store", lambda rank, world, timeout: "store")
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.setdefault("init", (backend, kw)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    monkeypatch.setattr("atexit.register", lambda fn: None)
+    assert ldist.init_from_env(timeout_s=60) == (3, 4)
+    backend, kw = calls["init"]
+    assert backend == "nccl" and calls["set_device"] == 1
+    assert kw["rank"] == 3 and kw["world_size"] == 4 and kw["store"] == "store" and kw["timeout"].total_seconds() == 60
+    assert ldist.local_device("cuda") == "cuda:1" and ldist.local_device("auto") == "cuda:1"
