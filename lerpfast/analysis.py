@@ -14,7 +14,8 @@ Trajectories (a series of checkpoints theta_t):
 * :func:`trajectory_projection`  — projection onto the init -> final line and norm of the residual
   (Goodfellow et al. 2015, appendix B / Fig. 13);
 * :func:`random_walk_projection`  — the same numbers for a random walk with the trajectory's step lengths,
-  the comparison of their Fig. 11: in high dimension a random walk strays far from its chord, SGD does not.
+  a baseline after their Fig. 11, whose point is that in high dimension this plot takes one generic shape for
+  random walks and SGD alike (App. B); the paper's reading is the residual against ||theta_t|| (Fig. 13).
 
 Replicates: :func:`replicate_stats` (mean and std over seeds, Frankle's bands).
 
@@ -401,7 +402,8 @@ def random_walk_projection(step_norms, dim: int, *, seed: int = 0, chunk: int = 
     length ``step_norms[t]`` (e.g. the distances between successive checkpoints), measured against the line
     from its own start to its own end exactly as :func:`trajectory_projection` measures a trajectory. In high
     dimension the walk is a Brownian bridge around its chord: ``E r_t^2 ~ S_t (S_T - S_t) / S_T`` with
-    ``S_t`` the summed squared step lengths, so it strays far from the line where SGD stays close.
+    ``S_t`` the summed squared step lengths (App. B: the shape is generic in high dimension, so it does not by
+    itself tell SGD apart from a random walk).
 
     Parameters
     ----------

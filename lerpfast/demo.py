@@ -1,7 +1,7 @@
 """``lerpfast demo``: Frankle's (2020) experiment in miniature, on real data, offline, in a few minutes on a CPU.
 
 Trains LeNet-300-100 with Frankle's / OpenLTH's hyper-parameters (SGD, lr 0.1, batch 128, checkpoints at
-t = 0, 1, 2, 4, ..., 1024 and every 1000 iterations) on Fashion-MNIST (Debian's ``dataset-fashion-mnist``
+t = 0, 1, 2, 4, ..., 1024, 2000, 3000, ...: {1000k : k > 1}) on Fashion-MNIST (Debian's ``dataset-fashion-mnist``
 package, or any MNIST-format copy lerpfast finds; else scikit-learn's 8x8 digits), for several replicates;
 sweeps the straight line from the checkpoint at iteration t to the final weights for several t, 100 points
 each, on the test set (t = 0 is Goodfellow et al.'s init -> final); writes every point to ``results.h5`` as it

@@ -18,25 +18,25 @@ import lerpfast.evaluate as evaluate_mod
 import lerpfast.train.trainer as trainer_mod
 from lerpfast.reproduce import reproduce
 
-# (words every matching claim contains, how many rows, value keys each must carry)
+# (words every matching claim contains, how many rows, value keys each must carry): the paper's statements
 CLAIMS = [
-    ("six optimizers reach different minima", 2, ("pairs_with_barrier", "barrier_min", "barrier_median",
-                                                  "barrier_max")),
-    ("compute different functions", 1, ("disagreement_median", "error_difference_median",
-                                        "functional_distance_median")),
-    ("separate basin around each solution", 1, ("centre_rise_barycentric", "centre_rise_bilinear",
-                                                "bilinear_corner_minima")),
-    ("Re-runs of the same optimizer", 1, ("optimizers_closer", "within_median", "between_median")),
-    ("depends on the optimizer", 1, ("width_ratio", "width_sgd", "width_sgdm", "width_rmsprop", "width_adadelta",
-                                     "width_adam", "width_rk_sgd_heun")),
-    ("larger basin than SGD", 1, ("width_adam", "width_sgd")),
-    ("different basin from the run that never switched", 2, ("barrier_unswitched_25", "barrier_unswitched_50",
-                                                            "barrier_unswitched_75")),
-    ("apart from the minimum that Adam alone reaches", 2, ("barrier_adam_alone_25", "barrier_adam_alone_50",
-                                                          "barrier_adam_alone_75")),
-    ("Batch norm changes the surface", 1, ("basins_narrower_with_bn", "median_width_nobn", "median_width_bn",
-                                           "median_barrier_nobn", "median_barrier_bn")),
+    ("\"For every pair of optimization algorithms", 2, ("pairs_with_barrier", "barrier_min", "barrier_median",
+                                                      "barrier_max")),
+    ("separated by high loss weight parameters", 1, ("centre_rise_bilinear", "bilinear_corner_minima")),
+    ("\"over 1/3rd\"", 1, ("ratio_median", "disagreement_median", "error_median", "functional_distance_median")),
+    ("interpolate beyond the critical point", 1, ("solutions_rising", "min_rise")),
+    ("strikingly similar for different runs", 1, ("methods_closer", "within_median", "between_median")),
+    ("ADAM and ADAM&RK2 are larger than those found by SGD and RK2", 1,
+     ("alpha_width_adam", "alpha_width_rk_adam_heun", "alpha_width_sgd", "alpha_width_rk_sgd_heun")),
+    ("varies by optimization algorithm", 1, ("width_ratio", "width_sgd", "width_sgdm", "width_rmsprop",
+                                             "width_adadelta", "width_adam", "width_rk_sgd_heun",
+                                             "width_rk_adam_heun")),
+    ("regardless of how late we switch", 2, ("barrier_unswitched_25", "barrier_unswitched_50",
+                                              "barrier_unswitched_75", "barrier_adam_alone_75")),
+    ("much more dependent on the initialization", 1, ("spread_nobn", "spread_bn")),
+    ("sharp unimodal jumps", 1, ("unimodal_bn", "unimodal_nobn")),
 ]
+OBSERVATIONS = ["The triangle through the SGD, RK2 and Adam solutions", "With batch norm the basins along eq. 1"]
 FIGURES = ["pairs", "barycentric", "bilinear", "barycentric_bn", "bilinear_bn", "rays", "switch", "functional"]
 
 
@@ -67,14 +67,43 @@ def test_summary_files_and_claim_rows(quick):
         rows = [c for c in claims if words in c["claim"]]
         assert len(rows) == n, words
         for c in rows:
-            assert c["source"] and c["ours"] and c["agrees"] in (True, False), c
+            assert c["source"] and c["ours"] and c["agrees"] in (True, False, None), c
             assert c["claim"] in md
             for k in keys:
                 assert k in c["values"] and math.isfinite(c["values"][k]), (words, k, c["values"])
-    assert sum(c["claim"].startswith("With batch norm") for c in claims) == 3
+    assert sum(c["claim"].startswith("Without batch norm") for c in claims) == 2  # BN is the paper's main setting
     # the setting the claims rest on: every run of a batch-norm setting started from the same weights
     assert record["facts"]["same_initialization"] == {"nobn": True, "bn": True}
-    assert len(record["facts"]["basin_width"]) == 12 and len(record["facts"]["barrier"]) == 30
+    assert len(record["facts"]["basin_width"]) == 14 and len(record["facts"]["barrier"]) == 42
+    # observations: a list of their own, after the claims, not in the tally
+    assert [o["claim"][:len(w)] for o, w in zip(record["observations"], OBSERVATIONS)] == OBSERVATIONS
+    assert len(record["observations"]) == len(OBSERVATIONS)
+    head, _, tail = md.partition("## Observations")
+    assert all(o["claim"] in tail and o["claim"] not in head for o in record["observations"])
+
+
+def test_every_row_cites_the_paper(quick):
+    """Every claims row cites Im et al.'s own sections / figures / tables (im.REFERENCES), nothing else."""
+    from lerpfast.reproduce import im
+    from lerpfast.reproduce._common import check_sources
+
+    _, res, _ = quick
+    assert check_sources(res["claims"], im.REFERENCES) == []
+    assert {"§4.1", "§4.4", "Table 1", "Table 3", "Fig. 15", "App. A.6", "eq. 1"} <= set(im.REFERENCES)
+    assert "Fig. 16" not in im.REFERENCES and "Table 4" not in im.REFERENCES
+
+
+def test_settings_follow_the_paper():
+    """§3.2: seven methods including ADAM&RK2; §3.4: the Runge-Kutta rates doubled, rates from the paper's grids."""
+    from lerpfast.reproduce.im import OPTIMIZERS
+
+    assert len(OPTIMIZERS) == 7 and "rk_adam_heun" in OPTIMIZERS
+    assert OPTIMIZERS["rk_sgd_heun"][1] == 2 * OPTIMIZERS["sgd"][1]
+    assert OPTIMIZERS["rk_adam_heun"][1] == 2 * OPTIMIZERS["adam"][1]
+    for name in ("sgd", "sgdm"):
+        assert OPTIMIZERS[name][1] in (0.2, 0.1, 0.05, 0.01), name
+    for name in ("rmsprop", "adam"):
+        assert OPTIMIZERS[name][1] in (0.002, 0.001, 0.0005, 0.0001), name
 
 
 def test_figures_are_pngs(quick):
@@ -103,6 +132,6 @@ def test_rerun_trains_and_sweeps_nothing(quick, monkeypatch):
     monkeypatch.setattr(evaluate_mod, "_run_chunks", counting_chunks)
     again, seconds = _run(out)
     assert steps == []
-    assert len(points) == 130 and sum(points) == 0  # every sweep read back from results.h5
+    assert len(points) == 142 and sum(points) == 0  # every sweep read back from results.h5
     assert [c.values for c in again["claims"]] == [c.values for c in res["claims"]]
     assert seconds < first / 2

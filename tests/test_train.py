@@ -41,10 +41,11 @@ def _ckpts_equal(run_a, run_b, replicate=0) -> list[int]:
 
 
 def test_frankle_schedule_for_62560_steps():
-    expected = {0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024} | {1000 * k for k in range(1, 63)}
+    # Frankle (2020, §2): t in {0} U {2^k : k <= 10} U {1000k : k > 1}; 1000 itself is not in the set
+    expected = {0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024} | {1000 * k for k in range(2, 63)}
     got = frankle_schedule(62_560, 391)
-    assert got == expected
-    assert len(got) == 74 and max(got) == 62_000
+    assert got == expected and 1000 not in got
+    assert len(got) == 73 and max(got) == 62_000
     assert parse_checkpoints("frankle", 62_560, 391) == expected
     assert Step.from_str("160ep", 391).it == 62_560  # ResNet-20 / VGG-16, CIFAR-10: 391 batches of 128 per epoch
 

@@ -7,8 +7,9 @@
 
 Each trains what the paper needs (resuming what exists), runs its sweeps into one HDF5 file, draws the paper's
 figures and writes ``summary.md``: a table of the paper's claims, where the paper makes each, our number, and
-whether it agrees. ``--quick`` runs on scikit-learn's digits in about a minute on 2 CPU cores; the full run
-uses Fashion-MNIST (the MNIST setting of the papers, offline) and takes up to half an hour on 2 cores.
+whether it agrees, then the observations we add beyond the paper (not counted). ``--quick`` runs on
+scikit-learn's digits in about a minute on 2 CPU cores; the full run uses Fashion-MNIST (the MNIST setting of the
+papers, offline) and takes up to half an hour on 2 cores.
 Re-running finishes from what is stored. REPRODUCTIONS.md has the full runs' tables.
 """
 
@@ -76,7 +77,8 @@ def reproduce(paper: str, *, out: str | os.PathLike | None = None, dataset: str 
 
     Returns
     -------
-    dict with ``summary`` (path of summary.md), ``claims`` (list of :class:`Claim`), ``seconds``, ``out``.
+    dict with ``summary`` (path of summary.md), ``claims`` (list of :class:`Claim`: the paper's statements),
+    ``observations`` (list of :class:`Claim`: our own findings beyond the paper, not counted), ``seconds``, ``out``.
     """
     import torch
 
@@ -103,7 +105,8 @@ def reproduce(paper: str, *, out: str | os.PathLike | None = None, dataset: str 
         ctx.close()
     seconds = time.perf_counter() - t0
     summary = ctx.write_summary(mod.TITLE, seconds) if ctx.is_writer else None
-    return {"summary": summary, "claims": ctx.claims, "seconds": seconds, "out": settings.out}
+    return {"summary": summary, "claims": ctx.claims, "observations": ctx.observations, "seconds": seconds,
+            "out": settings.out}
 
 
 def _rank0() -> bool:

@@ -2,9 +2,14 @@
 
 A paper module (``goodfellow``, ``frankle``, ``im``) has a ``TITLE``, a ``DEFAULTS`` dict and a function
 ``run(ctx: Context) -> None`` that trains what it needs with :meth:`Context.train`, sweeps with
-:meth:`Context.sweep`, draws with :meth:`Context.figure` and records each checked statement with
-:meth:`Context.claim`. :func:`lerpfast.reproduce.reproduce` then writes ``summary.md`` (the claims table) and
-``summary.json`` next to ``results.h5`` and ``figs/``.
+:meth:`Context.sweep`, draws with :meth:`Context.figure`, records each checked statement of the paper with
+:meth:`Context.claim` and each finding of its own that the paper does not state with :meth:`Context.observe`.
+:func:`lerpfast.reproduce.reproduce` then writes ``summary.md`` (the claims table, then the observations, which
+are not counted as agreement) and ``summary.json`` next to ``results.h5`` and ``figs/``.
+
+A paper module also has ``REFERENCES``, the identifiers of its paper's real sections, figures and tables (taken
+from the texts in ``../shared/papers``); every claim's ``source`` cites some of them and nothing else
+(:func:`references` reads them out of a source string, :func:`check_sources` checks a table).
 
 Everything is resumable for free: training runs live in ``<out>/runs`` under the hash of their
 hyper-parameters (a finished run is skipped, an interrupted one resumes) and every sweep is a named entry of
@@ -18,6 +23,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -25,7 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Claim", "Settings", "Context", "fmt", "fmt_pm", "threads", "default_threads"]
+__all__ = ["Claim", "Settings", "Context", "fmt", "fmt_pm", "threads", "default_threads", "references",
+           "check_sources"]
 
 
 @dataclass
@@ -34,11 +41,14 @@ class Claim:
 
     Attributes
     ----------
-    claim : the paper's statement, in a few words ("the init -> final line decreases monotonically").
-    source : where the paper makes it ("Fig. 3", "§3.1", "Table 1").
+    claim : the paper's statement, quoted or in a few words ("the init -> final line decreases monotonically").
+    source : where the paper makes it, with the paper's own identifiers ("§4, Fig. 3", "App. B", "Table 1").
+        For an observation (:meth:`Context.observe`): what it relates to, or "ours".
     ours : our number(s), formatted, with what they are ("max increase 0.000 +- 0.000 (3 replicates)").
-    agrees : True / False; None when the claim cannot be checked here (the note says why).
-    note : where our setting differs (data, model size, training length), or how the check was made.
+    agrees : True / False; None when the claim cannot be checked in our setting (the note says why). For an
+        observation: whether it holds.
+    note : where our setting differs (data, model size, training length), and how the paper's words became the
+        criterion (which threshold stands for "sharp", "slight", "flat").
     values : the raw numbers behind ``ours`` (for tests and for summary.json).
     """
 
@@ -63,6 +73,51 @@ class Settings:
     threads: int = 1
     progress: bool = False
     command: str = ""
+
+
+# A paper's own identifiers inside a source string: "§4.1", "Fig. 5", "Figs. 2-3", "Fig. 4c/4d", "Table 1",
+# "App. B", "App. A.5", "eq. 1", "abstract".
+_REF = re.compile(r"§\s?(\d+(?:\.\d+)*)|\bFigs?\.\s?(\d+)[a-d]?(?:\s?(?:-|–|/|,|and)\s?(\d+)[a-d]?)*"
+                  r"|\bTables?\s(\d+)(?:\s?(?:-|–|,|and)\s?(\d+))*|\bApp\.\s?([A-Z](?:\.\d+)*)|\beq\.\s?(\d+(?:\.\d+)?)"
+                  r"|\b(abstract)\b")
+
+
+def references(source: str) -> list[str]:
+    """The paper identifiers a claim's ``source`` cites, normalized: ``"§4.1"``, ``"Fig. 5"``, ``"Table 1"``,
+    ``"App. B"``, ``"eq. 1"``, ``"abstract"``. Ranges and lists ("Figs. 2-3", "Figs. 9, 10", "Fig. 4c/4d") give
+    every figure they name."""
+    out: list[str] = []
+    for m in _REF.finditer(source):
+        sec, fig, _, tab, _, app, eq, abstract = m.groups()
+        if sec:
+            out.append(f"§{sec}")
+        elif fig or tab:
+            kind, nums = ("Fig.", fig) if fig else ("Table", tab)
+            found = [int(n) for n in re.findall(r"(\d+)", m.group(0))]
+            if re.search(r"\d[a-d]?\s?(?:-|–)\s?\d", m.group(0)) and len(found) == 2:
+                found = list(range(found[0], found[1] + 1))
+            out += [f"{kind} {n}" for n in found]
+        elif app:
+            out.append(f"App. {app}")
+        elif eq:
+            out.append(f"eq. {eq}")
+        elif abstract:
+            out.append("abstract")
+    return out
+
+
+def check_sources(claims, known) -> list[str]:
+    """Problems with a claims table's sources: a row that cites none of ``known`` (a paper module's
+    ``REFERENCES``), or cites an identifier the paper does not have. Empty when every row is right."""
+    known = set(known)
+    problems = []
+    for c in claims:
+        source = c["source"] if isinstance(c, dict) else c.source
+        refs = references(source)
+        if not refs:
+            problems.append(f"{source!r} cites no section, figure or table of the paper")
+        problems += [f"{source!r} cites {r!r}, which the paper does not have" for r in refs if r not in known]
+    return problems
 
 
 def fmt(x: float, digits: int = 4) -> str:
@@ -91,6 +146,7 @@ class Context:
         self.figs_dir = self.out / "figs"
         self.store_path = self.out / "results.h5"
         self.claims: list[Claim] = []
+        self.observations: list[Claim] = []  # our own findings beyond the paper: reported, never counted
         self.figures: list[tuple[str, Path]] = []  # (caption, path)
         self.notes: list[str] = []
         self.stages: list[tuple[str, float]] = []  # (name, seconds)
@@ -201,6 +257,17 @@ class Context:
         self.claims.append(c)
         return c
 
+    def observe(self, text: str, relates: str, ours: str, holds: bool | None, note: str = "",
+                **values: float) -> Claim:
+        """Record a finding of ours that the paper does not state (e.g. the polynomial degree of the deep linear
+        line): it goes to the summary's "Observations" list and never into the claims' tally.
+
+        ``relates`` says what in the paper (or "ours") it relates to; ``holds`` whether our numbers show it."""
+        c = Claim(text, relates, ours, None if holds is None else bool(holds), note,
+                  {k: float(v) for k, v in values.items()})
+        self.observations.append(c)
+        return c
+
     def note(self, text: str) -> None:
         """A remark for the summary's notes section (e.g. where the setting differs from the paper's)."""
         self.notes.append(text)
@@ -224,13 +291,22 @@ class Context:
             f"* ran in {seconds:.0f} s on {s.device} with {s.threads} thread(s), {self.world} process(es); "
             f"lerpfast {__version__}, torch {torch.__version__}",
             "* stages: " + ", ".join(f"{n} {t:.0f} s" for n, t in self.stages),
-            f"* claims: {yes} agree, {no} disagree, {na} not checkable here", "",
+            f"* claims: {yes} agree, {no} disagree, {na} not checkable in this setting"
+            + (f"; {len(self.observations)} observations of ours (not counted)" if self.observations else ""), "",
             "| # | claim | paper | ours | agrees |", "|---|---|---|---|---|",
         ]
         for i, c in enumerate(self.claims, 1):
-            mark = {True: "yes", False: "**no**", None: "n/a"}[c.agrees]
+            mark = {True: "yes", False: "**no**", None: "n/a (setting)"}[c.agrees]
             text = c.claim + (f" *({c.note})*" if c.note else "")
             lines.append(f"| {i} | {_cell(text)} | {_cell(c.source)} | {_cell(c.ours)} | {mark} |")
+        if self.observations:
+            lines += ["", "## Observations", "",
+                      "Our own findings beyond the paper's statements: reported, not counted as agreement.", "",
+                      "| # | observation | relates to | ours | holds |", "|---|---|---|---|---|"]
+            for i, c in enumerate(self.observations, 1):
+                mark = {True: "yes", False: "no", None: "n/a"}[c.agrees]
+                text = c.claim + (f" *({c.note})*" if c.note else "")
+                lines.append(f"| O{i} | {_cell(text)} | {_cell(c.source)} | {_cell(c.ours)} | {mark} |")
         if self.figures:
             lines += ["", "## Figures", ""]
             for caption, path in self.figures:
@@ -244,6 +320,7 @@ class Context:
             "quick": s.quick, "device": s.device, "threads": s.threads, "world_size": self.world,
             "seconds": seconds, "stages": dict(self.stages), "lerpfast_version": __version__,
             "torch_version": torch.__version__, "claims": [asdict(c) for c in self.claims],
+            "observations": [asdict(c) for c in self.observations],
             "figures": [{"caption": c, "path": str(p.relative_to(self.out))} for c, p in self.figures],
             "notes": self.notes, "facts": self.facts,
         }

@@ -1,63 +1,82 @@
-"""Im, Tao & Branson (2016), "An empirical analysis of the optimization of deep network loss surfaces".
+"""Im, Tao & Branson (2016), "An empirical analysis of deep network loss surfaces".
 
-The paper trains one network from ONE initialization with several optimizers (SGD, SGD with momentum, RMSprop,
-Adadelta, Adam and second-order Runge-Kutta SGD) and looks at the loss between the solutions they reach:
-barycentric surfaces through three solutions and bilinear surfaces through four (appendix A.1), functional
-distance and label disagreement between the networks, the size of each solution's basin along the ray of
-absolute length ``theta(l) = theta1 + l (theta0 - theta1) / ||theta0 - theta1||`` (eq. 1), switching optimizer
-at 25 / 50 / 75 % of training, and all of it with and without batch norm. (The paper's networks are CIFAR-10
-convnets, NIN and VGG; here LeNet-300-100 on Fashion-MNIST, or on scikit-learn's digits with ``--quick``.)
+The paper trains CIFAR-10 convnets (NIN, VGG; batch norm and dropout, §3.4) with seven methods (§3.2): SGD, SGD with
+momentum, RMSprop, Adadelta, ADAM, and second-order Runge-Kutta with SGD (RK2) and with ADAM (ADAM&RK2), the RK rates
+doubled (§3.4). From ONE initialization and minibatching the methods reach different minima: the training loss rises
+sharply between every pair of solutions (§4.1, Table 1), also on surfaces through three and four of them (Figs. 2-3),
+and the networks disagree on "over 1/3" of the test examples they could disagree on (eq. 4.1). Past a solution the
+loss increases (§3.3, Fig. 10). Re-run from different initializations (§4.2), each method lands in different minima
+whose surroundings look "strikingly similar for different runs of the same algorithm, but characteristically
+different for different algorithms" (Fig. 5), ADAM's and ADAM&RK2's basins wider than SGD's and RK2's in units of
+``alpha`` (Fig. 5a, c) and basin sizes varying by method along eq. 1's ray ``theta(l) = theta1 + l (theta0 -
+theta1) / ||theta0 - theta1||`` (Fig. 6). Switching method at 25 / 50 / 75 % of training still ends in a different
+minimum (§4.3, Fig. 7). Without batch norm the quality of the minimum depends more on the initialization, and the
+surfaces between minima are "wide bumpy" instead of "sharp unimodal" (§4.4, Table 2, Fig. 8).
 
-What runs, all from seed 0 (the same initialization, and the same minibatch order unless said otherwise):
+Here LeNet-300-100 with batch norm (BatchNorm1d before each hidden ReLU: the paper's setting, without its dropout)
+and without (the §4.4 variant) on Fashion-MNIST, or on scikit-learn's digits with ``--quick``:
 
-* 6 optimizers x {without, with batch norm} (``bn=True`` puts BatchNorm1d before each hidden ReLU; for one seed
-  the Linear weights of both models are the same); without batch norm a second replicate of each optimizer with
-  another minibatch order (``seed_policy="data"``: same initialization), the paper's "re-runs";
+* 7 methods x {with, without batch norm} x 2 initializations (seeds 0 and 1, ``seed_policy="init"``: the same
+  minibatch order); seed 0 is the shared initialization of §4.1 (for one seed the Linear weights of both models are
+  the same);
 * SGD switched to Adam (fresh state, Adam's rate) at 25, 50 and 75 % of training, with and without batch norm;
-* per batch-norm setting: the 15 lines between the optimizers' solutions (loss, error, functional distance and
-  disagreement to the first end), a barycentric surface through SGD / RK2 / Adam and a bilinear one through
-  SGD+momentum / RMSprop / Adadelta / Adam, the eq.-1 ray from each solution towards the shared initialization,
-  and the lines from each switched solution to the solutions of SGD alone and Adam alone; without batch norm
-  also the line between the two re-runs of each optimizer, and each solution's distance to every other
-  optimizer's re-run (so that both comparisons change the minibatch order).
+* per batch-norm setting: the 21 lines between the methods' solutions (training loss; on the test set also the
+  functional distance and disagreement to the first end), a bilinear surface through SGD+momentum / RMSprop /
+  Adadelta / Adam (Fig. 3) and a barycentric one through SGD / RK2 / Adam (ours), the eq.-1 ray from each solution
+  towards the initialization and 1/4 of the way past the solution, the init -> final line of every run of both
+  initializations (Fig. 5a, c), and the lines from each switched solution to the solutions of SGD alone and Adam
+  alone.
 
 Surfaces, lines and rays evaluate the *training* loss (the surface the optimizers descend) on a fixed part of the
-training set; the networks' functions (label disagreement, functional distance) are compared on the test set,
-where they differ (on the training set they all fit). With batch norm each point's running statistics are
-recomputed on training data (``bn="recompute"``) before it is evaluated, so every point is a network with
-statistics that fit its own weights. The claims table is computed from the stored sweeps only.
+training set; the networks' functions (label disagreement, functional distance) are compared on the test set. With
+batch norm each point's running statistics are recomputed on training data (``bn="recompute"``) before it is
+evaluated; the paper does not say how it treats them. The claims table is computed from the stored sweeps only.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from lerpfast.reproduce._common import Context, fmt, threads
 
-TITLE = ('Im, Tao & Branson (2016), "An empirical analysis of the optimization of deep network loss surfaces": '
-         "optimizers from one initialization, surfaces between their solutions, basins, switching, batch norm")
+TITLE = ('Im, Tao & Branson (2016), "An empirical analysis of deep network loss surfaces": seven methods from one '
+         "initialization, surfaces between their solutions, basins, switching, batch norm")
 DEFAULTS = {"model": "lenet_300_100"}
+# The paper's own sections, appendices, figures, tables and numbered equations (the text in ../shared/papers: §1-5,
+# A.1-A.6, Figs. 1-15, Tables 1-3, eq. 1 and the distance of §4.1, which §4.1 calls Equation 4.1). Unnumbered
+# headings are numbered by the paper's own cross-references (§4.1-4.4; A.4 = "Experiments with Runge-Kutta
+# integrator"). Every claims row cites some of these and nothing else.
+REFERENCES = ("abstract", "§1", "§2", "§2.1", "§2.2", "§2.2.1", "§3", "§3.1", "§3.2", "§3.3", "§3.4", "§4", "§4.1",
+              "§4.2", "§4.3", "§4.4", "§5", "App. A", "App. A.1", "App. A.2", "App. A.2.1", "App. A.2.2",
+              "App. A.2.3", "App. A.3", "App. A.3.1", "App. A.4", "App. A.5", "App. A.6",
+              *(f"Fig. {i}" for i in range(1, 16)), "Table 1", "Table 2", "Table 3", "eq. 1", "eq. 4.1")
 
-# name -> (label, constant learning rate); batch 128, no weight decay, no schedule.
+# name -> (label, constant learning rate); batch 128 (§3.4), no weight decay, no schedule. Rates from the paper's
+# grids (§3.4: {0.2, 0.1, 0.05, 0.01} for SGD, {0.002, 0.001, 0.0005, 0.0001} for the adaptive methods), doubled for
+# the Runge-Kutta versions ("We doubled the learning rates when we ran our augmented versions with Runge-Kutta").
 OPTIMIZERS: dict[str, tuple[str, float]] = {
     "sgd": ("SGD", 0.05),
-    "sgdm": ("SGD+momentum", 0.005),      # momentum 0.9: the same long-run step as SGD's 0.05
+    "sgdm": ("SGD+momentum", 0.01),        # momentum 0.9; the grid's smallest SGD rate
     "rmsprop": ("RMSprop", 5e-4),
-    "adadelta": ("Adadelta", 1.0),         # Zeiler's (and the paper's) rate: the update is not rescaled
+    "adadelta": ("Adadelta", 1.0),         # Zeiler's (and the paper's, A.2.3) rate: the update is not rescaled
     "adam": ("Adam", 1e-3),
-    "rk_sgd_heun": ("RK2 (Heun)", 0.05),   # Runge-Kutta SGD, appendix A.3; two gradient evaluations per step
+    "rk_sgd_heun": ("RK2", 0.1),           # Runge-Kutta SGD (Heun), A.3; SGD's 0.05 doubled
+    "rk_adam_heun": ("ADAM&RK2", 2e-3),    # Runge-Kutta ADAM (Heun), A.3.1; Adam's 1e-3 doubled
 }
-BARYCENTRIC = ("sgd", "rk_sgd_heun", "adam")            # theta0, theta1, theta2 of the triangle
-BILINEAR = ("sgdm", "rmsprop", "adadelta", "adam")      # corners (0,0), (1,0), (0,1), (1,1)
+BARYCENTRIC = ("sgd", "rk_sgd_heun", "adam")            # theta0, theta1, theta2 of the triangle (ours)
+BILINEAR = ("sgdm", "rmsprop", "adadelta", "adam")      # corners (0,0), (1,0), (0,1), (1,1) (four methods, Fig. 3)
 SWITCH = ("sgd", "adam")                                # from, to
-SWITCH_AT = (25, 50, 75)                                # % of training
-BARRIER_TOL = 0.01  # nats: a rise of the training loss below this counts as no barrier (the loss is exact, not noisy)
-THRESHOLD = 1.0     # basin edge (eq. 1): the absolute training loss where the ray leaves the basin
-BASIN_DIFF = 1.25   # basin widths "differ" when the widest is at least this many times the narrowest
+SWITCH_AT = (25, 50, 75)                                # % of training (§4.3)
+# How the paper's words become thresholds:
+BARRIER_TOL = 0.01  # nats: "a sharp increase" / "separated by high loss": a rise above the chord of more than this
+# (lenient: any visible rise counts; the loss is an exact average, not noisy)
+THRESHOLD = 1.0     # "the training loss is small" (§4.2): below this (the loss at initialization is ~2.3 = ln 10)
+BASIN_DIFF = 1.25   # "varies by optimization algorithm": the widest basin at least this many times the narrowest
+THIRD = 1 / 3       # "over 1/3rd" of the maximum possible disagreement (the sum of the two networks' test errors)
+MUCH_MORE = 2.0     # "much more dependent on the initialization": the error spread between inits this many times
 
 
 @dataclass(frozen=True)
@@ -75,6 +94,7 @@ FULL = _Setting(steps="5ep", eval_limit=5_000, calib_limit=1_000, line=21, grid=
                 ray_quarter=8)
 QUICK = _Setting(steps="15ep", eval_limit=500, calib_limit=500, line=11, grid=7, bilinear_step=0.25,
                  ray_quarter=4)
+INITS = 2  # initializations per method and batch-norm setting (§4.2: "different initial parameters")
 
 
 def _label(opt: str) -> str:
@@ -91,20 +111,20 @@ def _tag(bn: bool) -> str:
 def _config(ctx: Context, opt: str, bn: bool, st: _Setting, **extra) -> dict:
     return dict(model=ctx.s.model, model_options=f"bn={bn}", dataset=ctx.s.dataset, optimizer=opt,
                 lr=OPTIMIZERS[opt][1], batch_size=128, steps=st.steps, milestones="", warmup="", weight_decay=0.0,
-                checkpoints="none", seed=0, seed_policy="data", resume_every="1000ep", log_every=10, **extra)
+                checkpoints="none", seed=0, seed_policy="init", resume_every="1000ep", log_every=10, **extra)
 
 
 def _train_all(ctx: Context, st: _Setting) -> tuple[dict, dict]:
     """Every run; returns ``{(opt, bn): run_dir}`` and ``{(pct, bn): run_dir}`` of the switched runs."""
     runs, switched = {}, {}
-    jobs = [("opt", o, bn) for bn in (False, True) for o in OPTIMIZERS]
-    jobs += [("switch", p, bn) for bn in (False, True) for p in SWITCH_AT]
-    with ctx.stage("train: 6 optimizers and 3 switches, without and with batch norm", total=len(jobs)) as bar, \
-            threads(1):
+    jobs = [("opt", o, bn) for bn in (True, False) for o in OPTIMIZERS]
+    jobs += [("switch", p, bn) for bn in (True, False) for p in SWITCH_AT]
+    with ctx.stage(f"train: {len(OPTIMIZERS)} methods x {INITS} initializations and 3 switches, with and without "
+                   "batch norm", total=len(jobs)) as bar, threads(1):
         for kind, key, bn in jobs:
             if kind == "opt":
-                # without batch norm a second replicate: same initialization, another minibatch order
-                runs[(key, bn)] = ctx.train(**_config(ctx, key, bn, st, replicates=1 if bn else 2))
+                # replicate 1: another initialization (seed 1), the same minibatch order (§4.2)
+                runs[(key, bn)] = ctx.train(**_config(ctx, key, bn, st, replicates=INITS))
             else:
                 old, new = SWITCH
                 switched[(key, bn)] = ctx.train(**_config(ctx, old, bn, st, switch_optimizer=new,
@@ -123,10 +143,10 @@ def _final(run, replicate: int = 0):
     return ck[max(ck)]
 
 
-def _init(run):
+def _init(run, replicate: int = 0):
     from lerpfast.train import list_checkpoints
 
-    return list_checkpoints(run, 0)[0]
+    return list_checkpoints(run, replicate)[0]
 
 
 def _params(path, names: set[str]):
@@ -136,10 +156,10 @@ def _params(path, names: set[str]):
     return torch.cat([sd[k].reshape(-1).double() for k in sd if k in names])
 
 
-def _summary(run) -> dict:
+def _summary(run, replicate: int = 0) -> dict:
     import json
 
-    return json.loads((run / "replicate_0" / "summary.json").read_text())
+    return json.loads((run / f"replicate_{replicate}" / "summary.json").read_text())
 
 
 def _at(res, alpha: float, metric: str) -> float:
@@ -171,11 +191,11 @@ def run(ctx: Context) -> None:
         same_init[bn] = all(all(torch.equal(ref[k], v) for k, v in torch.load(_init(r), weights_only=True).items())
                             for r in others)
 
-    n_sweeps = 2 * (2 * len(pairs) + 2 + len(opts) + 2 * len(SWITCH_AT)) + 2 * len(opts) + 2 * len(pairs)
+    n_sweeps = 2 * (2 * len(pairs) + 2 + len(opts) + 2 * len(SWITCH_AT) + INITS * len(opts))
     out: dict = {}  # (bn, kind, key) -> SweepResult
     dist_init: dict = {}  # (bn, optimizer) -> ||theta_final - theta_init|| over the parameters
     with ctx.stage(f"sweeps: lines, surfaces, rays, switches ({n_sweeps})", total=n_sweeps) as bar:
-        for bn in (False, True):
+        for bn in (True, False):
             _sweep_setting(ctx, st, bar, bn, runs, switched, data, test, calib, out, dist_init)
 
     if not ctx.is_writer:
@@ -206,14 +226,10 @@ def _sweep_setting(ctx, st, bar, bn, runs, switched, data, test, calib, out, dis
     for a, b in itertools.combinations(opts, 2):
         sweep("line", (a, b), f"line:{a}~{b}", Line(final[a], final[b], line))
         sweep("test-line", (a, b), f"test-line:{a}~{b}", Line(final[a], final[b], line), test)
-    if not bn:  # re-runs: the same optimizer, another minibatch order
-        second = {o: _final(runs[(o, bn)], 1) for o in opts}
-        for o in opts:
-            rerun = Line(final[o], second[o], line)
-            sweep("rerun", o, f"rerun:{o}", rerun)
-            sweep("test-rerun", o, f"test-rerun:{o}", rerun, test)
-        for o, p in itertools.permutations(opts, 2):  # another optimizer AND another order: the fair comparison
-            sweep("test-cross", (o, p), f"test-cross:{o}~{p}", Line(final[o], second[p], [1.0]), test)
+    for o in opts:  # init -> final of every run, each from its own initialization (Fig. 5a, c)
+        for r in range(INITS):
+            sweep("init-final", (o, r), f"init-final:{o}@init{r}",
+                  Line(_init(runs[(o, bn)], r), _final(runs[(o, bn)], r), line))
     g = f"0:1:{st.grid}"
     sweep("bary", None, "barycentric:" + "~".join(BARYCENTRIC),
           Barycentric(*(final[o] for o in BARYCENTRIC), alphas=g, betas=g))
@@ -243,16 +259,20 @@ def _analyse(ctx, st, out, runs, switched, dist_init, same_init, barrier, basin_
     pairs = list(itertools.combinations(opts, 2))
     data_note = ("Fashion-MNIST for CIFAR-10, LeNet-300-100 for NIN / VGG" if ctx.s.dataset == "fashion-mnist"
                  else f"{ctx.s.dataset} for CIFAR-10, {ctx.s.model} for NIN / VGG")
-    train_note = f"{st.steps} per run, constant rates"
+    train_note = f"{st.steps} per run (the paper: 200 epochs), constant rates, no dropout"
     facts = ctx.facts
-    facts["test_acc"] = {f"{_tag(bn)}:{o}": _summary(runs[(o, bn)]).get("test_acc") for bn in (False, True)
-                         for o in opts}
+    facts["test_acc"] = {f"{_tag(bn)}:{o}@init{r}": _summary(runs[(o, bn)], r).get("test_acc")
+                         for bn in (True, False) for o in opts for r in range(INITS)}
     facts["train_loss_at_solution"] = {}
-    facts["distance_from_init"] = {f"{_tag(bn)}:{o}": dist_init[(bn, o)] for bn in (False, True) for o in opts}
+    facts["distance_from_init"] = {f"{_tag(bn)}:{o}": dist_init[(bn, o)] for bn in (True, False) for o in opts}
     facts["same_initialization"] = {_tag(bn): bool(v) for bn, v in same_init.items()}
 
-    barriers, disagree, fdist, derr = {}, {}, {}, {}
-    for bn in (False, True):
+    def setting(bn):
+        return ("with batch norm (the paper's setting, BN statistics recomputed at every point)" if bn
+                else "without batch norm (the paper's §4.4 variant)")
+
+    barriers, disagree, fdist, errs = {}, {}, {}, {}
+    for bn in (True, False):
         for a, b in pairs:
             r = out[(bn, "line", (a, b))]
             barriers[(bn, a, b)] = barrier(r.alphas, r.loss)
@@ -261,161 +281,218 @@ def _analyse(ctx, st, out, runs, switched, dist_init, same_init, barrier, basin_
             r = out[(bn, "test-line", (a, b))]
             disagree[(bn, a, b)] = _at(r, 1.0, "disagreement")
             fdist[(bn, a, b)] = _at(r, 1.0, "distance")
-            derr[(bn, a, b)] = abs(_at(r, 1.0, "error") - _at(r, 0.0, "error"))
+            errs[(bn, a, b)] = (_at(r, 0.0, "error"), _at(r, 1.0, "error"))
 
-    # 1 / 2: different minima, different functions
-    for bn in (False, True):
+    # 1 / 2: different minima from one initialization (§4.1, Table 1, lower triangle)
+    for bn in (True, False):
         bs = np.array([barriers[(bn, a, b)] for a, b in pairs])
         n_pos = int((bs > BARRIER_TOL).sum())
         lo = min(pairs, key=lambda p: barriers[(bn, *p)])
-        prefix = "With batch norm: " if bn else ""
-        ctx.claim(_sentence(f"{prefix}from one initialization the six optimizers reach different minima: the "
-                            "training loss rises on the line between every pair of solutions"),
-                  "abstract; surfaces between the optimizers' solutions",
-                  f"barrier {n_pos}/{len(pairs)} pairs > {BARRIER_TOL}; min {fmt(bs.min())} "
+        prefix = "" if bn else "Without batch norm: "
+        ctx.claim(_sentence(f"{prefix}\"For every pair of optimization algorithms ... the training loss between the "
+                            "final weights for different algorithms shows a sharp increase along the interpolated "
+                            "path\" (same initialization and minibatching)"),
+                  "§4.1, Table 1" if bn else "§4.1, Table 1; §4.4",
+                  f"barrier above the chord > {BARRIER_TOL} for {n_pos}/{len(pairs)} pairs; min {fmt(bs.min())} "
                   f"({_label(lo[0])}-{_label(lo[1])}), median {fmt(float(np.median(bs)))}, max {fmt(bs.max())}",
                   n_pos == len(pairs),
-                  note=f"{data_note}; {train_note}; training loss on {_n(ctx, st)}"
-                       + ("; BN statistics recomputed at every point" if bn else ""),
+                  note=f"{setting(bn)}; {data_note}; {train_note}; training loss on {_n(ctx, st)}; sharp increase: "
+                       f"any rise above the chord of more than {BARRIER_TOL} nats (lenient); lines only, not the "
+                       "paper's triangles through the initialization",
                   pairs_with_barrier=n_pos, barrier_min=bs.min(), barrier_median=float(np.median(bs)),
                   barrier_max=bs.max())
-    dis = np.array([disagree[(False, a, b)] for a, b in pairs])
-    de = np.array([derr[(False, a, b)] for a, b in pairs])
-    fd = np.array([fdist[(False, a, b)] for a, b in pairs])
-    ctx.claim("Networks from different optimizers compute different functions, not just reach different weights: "
-              "label disagreement well above the difference of their errors",
-              "functional distance and label disagreement between the solutions",
-              f"test set, {len(pairs)} pairs: disagreement median {fmt(float(np.median(dis)))} (min {fmt(dis.min())}); "
-              f"|error difference| median {fmt(float(np.median(de)))}; functional distance median "
-              f"{fmt(float(np.median(fd)))}",
-              float(np.median(dis)) > 2 * float(np.median(de)),
-              note=f"agrees when the median disagreement is > 2x the median error difference; {data_note}",
-              disagreement_median=float(np.median(dis)), disagreement_min=dis.min(),
-              error_difference_median=float(np.median(de)), functional_distance_median=float(np.median(fd)))
 
-    # 3: surfaces: a separate basin at each solution
-    bary, bil = out[(False, "bary", None)], out[(False, "bilinear", None)]
-    rise_bary, rise_bil, k_min = _surface_stats(bary, bil)
-    ctx.claim("Barycentric (3 solutions) and bilinear (4 solutions) surfaces show a separate basin around each "
-              "solution, with higher loss between them",
-              "barycentric / bilinear surfaces (appendix A.1)",
-              f"loss at the centre above the highest corner: barycentric {fmt(rise_bary)}, bilinear "
-              f"{fmt(rise_bil)}; {k_min}/4 bilinear corners are local minima of the surface",
-              rise_bary > BARRIER_TOL and rise_bil > BARRIER_TOL and k_min == 4,
-              note=f"barycentric {'/'.join(_label(o) for o in BARYCENTRIC)}, bilinear "
-                   f"{'/'.join(_label(o) for o in BILINEAR)}; {data_note}",
-              centre_rise_barycentric=rise_bary, centre_rise_bilinear=rise_bil, bilinear_corner_minima=k_min)
+    # 3: the bilinear surface through four methods' solutions (Fig. 3), with batch norm
+    rise_bary, rise_bil, k_min = _surface_stats(out[(True, "bary", None)], out[(True, "bilinear", None)])
+    _, rise_bil0, k_min0 = _surface_stats(out[(False, "bary", None)], out[(False, "bilinear", None)])
+    ctx.claim("On the surface through four methods' solutions \"the local minima returned by different algorithms "
+              "are separated by high loss weight parameters\"", "§4.1, Fig. 3",
+              f"bilinear {'/'.join(_label(o) for o in BILINEAR)}: loss at the centre above the highest corner "
+              f"{fmt(rise_bil)}, {k_min}/4 corners local minima of the surface (without BN: {fmt(rise_bil0)}, "
+              f"{k_min0}/4)",
+              rise_bil > BARRIER_TOL and k_min == 4,
+              note=f"{setting(True)}; separated: every corner a local minimum of the grid (8 neighbours) and the "
+                   f"centre more than {BARRIER_TOL} above the highest corner; Fig. 2 (two initializations and their "
+                   f"SGD solutions) is not run; {data_note}",
+              centre_rise_bilinear=rise_bil, bilinear_corner_minima=k_min, centre_rise_bilinear_nobn=rise_bil0,
+              bilinear_corner_minima_nobn=k_min0)
 
-    # 4: re-runs of one optimizer stay together (the abstract's "characteristic choices"): the re-run of o (data
-    # order 1) against o's run (order 0), and every other optimizer's re-run (order 1) against o's run (order 0), so
-    # both comparisons change the minibatch order and only the second changes the optimizer
-    within = {o: _at(out[(False, "test-rerun", o)], 1.0, "distance") for o in opts}
-    between = {o: min(float(out[(False, "test-cross", (o, p))].metrics["distance"][0]) for p in opts if p != o)
-               for o in opts}
-    same_order = {o: min(fdist[(False, *sorted((o, p), key=opts.index))] for p in opts if p != o) for o in opts}
-    closer = sum(within[o] < between[o] for o in opts)
-    ctx.claim("Re-runs of the same optimizer (another minibatch order) end closer to each other than to any other "
-              "optimizer's solution: each optimizer makes characteristic choices",
-              "abstract (re-runs of one optimizer)",
-              f"{closer}/6 optimizers; test-set functional distance to its own re-run median "
-              f"{fmt(float(np.median(list(within.values()))))}, to the nearest other optimizer's re-run median "
-              f"{fmt(float(np.median(list(between.values()))))} (same order: "
-              f"{fmt(float(np.median(list(same_order.values()))))})",
-              closer == len(opts),
-              note="same initialization; re-runs use data order 1, the first runs order 0; functional distance = RMS "
-                   f"of the softmax difference; {data_note}",
-              optimizers_closer=closer, within_median=float(np.median(list(within.values()))),
-              between_median=float(np.median(list(between.values()))),
-              same_order_median=float(np.median(list(same_order.values()))),
-              **{f"within_{o}": within[o] for o in opts}, **{f"between_{o}": between[o] for o in opts})
+    # 4: effectively different networks (§4.1, eq. 4.1): disagreement over 1/3 of the most it could be
+    ratio, dis, fd, err = {}, {}, {}, {}
+    for bn in (True, False):
+        ratio[bn] = np.array([disagree[(bn, a, b)] / max(sum(errs[(bn, a, b)]), 1e-12) for a, b in pairs])
+        dis[bn] = np.array([disagree[(bn, a, b)] for a, b in pairs])
+        fd[bn] = np.array([fdist[(bn, a, b)] for a, b in pairs])
+        err[bn] = float(np.median([e for a, b in pairs for e in errs[(bn, a, b)]]))
+    ctx.claim("The networks from different methods disagree on \"over 1/3rd\" of the test examples they could "
+              "disagree on (the sum of their errors): \"effectively different networks\"", "§4.1, Table 1, eq. 4.1",
+              f"median disagreement {fmt(float(np.median(dis[True])))} / (2 x error, median error "
+              f"{fmt(err[True], 3)}) -> ratio median {fmt(float(np.median(ratio[True])), 3)} (min "
+              f"{fmt(float(ratio[True].min()), 3)}); functional distance median {fmt(float(np.median(fd[True])), 3)} "
+              f"(the paper: 0.16, 8 % of 22 %); without BN ratio {fmt(float(np.median(ratio[False])), 3)}",
+              float(np.median(ratio[True])) > THIRD,
+              note=f"{setting(True)}; per pair disagreement / (error A + error B) on {_n(ctx, st, 'test')}, median "
+                   f"over the {len(pairs)} pairs > 1/3; eq. 4.1 distance: RMS of the softmax difference; {data_note}",
+              ratio_median=float(np.median(ratio[True])), ratio_min=float(ratio[True].min()),
+              disagreement_median=float(np.median(dis[True])), error_median=err[True],
+              functional_distance_median=float(np.median(fd[True])),
+              ratio_median_nobn=float(np.median(ratio[False])))
 
-    # 5 / 6: basin widths along eq. 1's ray towards the initialization
-    widths = {}
-    for bn in (False, True):
+    # 5: beyond the solution the loss increases (§3.3, Fig. 10): the first ray point past each solution
+    beyond = {}
+    for bn in (True, False):
         for o in opts:
             r = out[(bn, "ray", o)]
-            widths[(bn, o)] = basin_width(r.alphas, r.loss, THRESHOLD)
-    w0 = {o: widths[(False, o)] for o in opts}
-    fin = [w for w in w0.values() if np.isfinite(w)]
-    ratio = max(fin) / min(fin) if fin and min(fin) > 0 else float("nan")
-    wide = max(opts, key=lambda o: w0[o] if np.isfinite(w0[o]) else -1)
-    narrow = min(opts, key=lambda o: w0[o] if np.isfinite(w0[o]) else math.inf)
-    ctx.claim("Basin size (eq. 1: distance from the solution towards the initialization until the loss crosses the "
-              "threshold) depends on the optimizer",
-              "eq. 1 and the basin-size comparison",
-              ", ".join(f"{_label(o)} {fmt(w0[o], 2)}" for o in opts) + f" (widest/narrowest {fmt(ratio, 2)})",
-              bool(ratio >= BASIN_DIFF),
-              note=f"threshold: training loss {THRESHOLD}; widths in absolute weight distance; 'depends' = widest "
-                   f">= {BASIN_DIFF}x narrowest; {data_note}",
-              width_ratio=ratio, **{f"width_{o}": w0[o] for o in opts})
-    adaptive, sgd_like = ("rmsprop", "adadelta", "adam"), ("sgd", "sgdm", "rk_sgd_heun")
-    ctx.claim("Adam's solution lies in a larger basin than SGD's",
-              "basin-size comparison (our reading of it)",
-              f"Adam {fmt(w0['adam'], 2)} vs SGD {fmt(w0['sgd'], 2)}; widest {_label(wide)}, narrowest "
-              f"{_label(narrow)}; adaptive (RMSprop, Adadelta, Adam) {fmt(min(w0[o] for o in adaptive), 2)}-"
-              f"{fmt(max(w0[o] for o in adaptive), 2)}, SGD-like {fmt(min(w0[o] for o in sgd_like), 2)}-"
-              f"{fmt(max(w0[o] for o in sgd_like), 2)}",
-              w0["adam"] > w0["sgd"],
-              note="in units of each solution's distance from the initialization: Adam "
-                   f"{fmt(w0['adam'] / dist_init[(False, 'adam')], 2)} ({fmt(dist_init[(False, 'adam')], 1)} away), "
-                   f"SGD {fmt(w0['sgd'] / dist_init[(False, 'sgd')], 2)} ({fmt(dist_init[(False, 'sgd')], 1)} away)",
-              width_adam=w0["adam"], width_sgd=w0["sgd"], distance_adam=dist_init[(False, "adam")],
-              distance_sgd=dist_init[(False, "sgd")])
+            lam, loss = np.asarray(r.alphas, dtype=np.float64), np.asarray(r.loss, dtype=np.float64)
+            i0 = int(np.argmin(np.abs(lam)))
+            past = lam < 0
+            beyond[(bn, o)] = float(np.min(loss[past]) - loss[i0]) if past.any() else float("nan")
+    rises = sum(v > 0 for v in beyond.values())
+    ctx.claim("\"If we interpolate beyond the critical point ... the loss increases\" (minima, not saddle points)",
+              "§3.3, Fig. 10",
+              f"loss past the solution above the loss at it for {rises}/{len(beyond)} solutions (7 methods, with and "
+              f"without BN); smallest rise {fmt(min(beyond.values()))}",
+              rises == len(beyond),
+              note=f"eq. 1's ray continued 1/4 of the solution's distance from the initialization past the solution "
+                   f"(the paper: alpha up to 2); increases: the lowest loss there is above the solution's; {data_note}",
+              solutions_rising=rises, min_rise=min(beyond.values()))
 
-    # 7 / 8: switching optimizers (with and without batch norm)
+    # 6: the same method from different initializations: similar surfaces; different methods: different (Fig. 5)
+    curves = {(o, r): np.asarray(out[(True, "init-final", (o, r))].loss, dtype=np.float64) for o in opts
+              for r in range(INITS)}
+    rms = (lambda u, v: float(np.sqrt(np.mean((u - v) ** 2))))
+    within = {o: rms(curves[(o, 0)], curves[(o, 1)]) for o in opts}
+    between = {o: min(min(rms(curves[(o, 0)], curves[(p, 1)]), rms(curves[(o, 1)], curves[(p, 0)]))
+                      for p in opts if p != o) for o in opts}
+    closer = sum(within[o] < between[o] for o in opts)
+    ctx.claim("From different initializations, the init -> final curves \"look strikingly similar for different runs "
+              "of the same algorithm, but characteristically different for different algorithms\"",
+              "§4.2, Fig. 5; §5",
+              f"{closer}/{len(opts)} methods' two runs closer to each other than to any other method's run from the "
+              f"other initialization; RMS curve difference within median {fmt(float(np.median(list(within.values()))))}"
+              f", to the nearest other method median {fmt(float(np.median(list(between.values()))))}",
+              closer == len(opts),
+              note=f"{setting(True)}; seeds 0 and 1 (initialization), the same minibatch order; curves: training "
+                   f"loss along init -> final at {st.line} alphas; {data_note}",
+              methods_closer=closer, within_median=float(np.median(list(within.values()))),
+              between_median=float(np.median(list(between.values()))),
+              **{f"within_{o}": within[o] for o in opts}, **{f"between_{o}": between[o] for o in opts})
+
+    # 7 / 8: basins along eq. 1's ray (Fig. 6: absolute distance; Fig. 5a, c: in units of alpha)
+    widths = {(bn, o): basin_width(out[(bn, "ray", o)].alphas, out[(bn, "ray", o)].loss, THRESHOLD)
+              for bn in (True, False) for o in opts}
+    in_alpha = {(bn, o): widths[(bn, o)] / dist_init[(bn, o)] for bn in (True, False) for o in opts}
+    w1 = {o: widths[(True, o)] for o in opts}
+    a1 = {o: in_alpha[(True, o)] for o in opts}
+    adam_like, sgd_like = ("adam", "rk_adam_heun"), ("sgd", "rk_sgd_heun")
+    ctx.claim("\"the size of the basins around the local minima found by ADAM and ADAM&RK2 are larger than those "
+              "found by SGD and RK2, i.e. that the training loss is small for a wider range of alpha values\"",
+              "§4.2, Fig. 5",
+              "basin width in units of alpha: " + ", ".join(f"{_label(o)} {fmt(a1[o], 2)}"
+                                                             for o in adam_like + sgd_like)
+              + " (without BN: " + ", ".join(f"{_label(o)} {fmt(in_alpha[(False, o)], 2)}"
+                                             for o in adam_like + sgd_like) + ")",
+              bool(min(a1[o] for o in adam_like) > max(a1[o] for o in sgd_like)),
+              note=f"{setting(True)}; small: training loss below {THRESHOLD} (ours; the loss at initialization is "
+                   "about 2.3); width along eq. 1's ray from the solution towards the initialization, divided by "
+                   f"the solution's distance from it; {data_note}",
+              **{f"alpha_width_{o}": a1[o] for o in opts})
+    fin = [w for w in w1.values() if np.isfinite(w)]
+    spread = max(fin) / min(fin) if fin and min(fin) > 0 else float("nan")
+    ctx.claim("Along eq. 1 (absolute distance) \"the size of the basin around the local minima varies by "
+              "optimization algorithm\"", "§4.2, eq. 1, Fig. 6",
+              ", ".join(f"{_label(o)} {fmt(w1[o], 2)}" for o in opts) + f" (widest / narrowest {fmt(spread, 2)})",
+              bool(spread >= BASIN_DIFF),
+              note=f"{setting(True)}; basin edge: training loss {THRESHOLD} (ours: the paper compares the curves by "
+                   f"eye, eq. 1 only defines the ray); varies: widest >= {BASIN_DIFF} x narrowest; {data_note}",
+              width_ratio=spread, **{f"width_{o}": w1[o] for o in opts})
+
+    # 9 / 10: switching methods late still ends in a different minimum (§4.3, Fig. 7)
     old, new = SWITCH
-    for bn in (False, True):
-        prefix = "With batch norm: " if bn else ""
+    for bn in (True, False):
         b_old = {p: barrier(out[(bn, "switch-old", p)].alphas, out[(bn, "switch-old", p)].loss) for p in SWITCH_AT}
         b_new = {p: barrier(out[(bn, "switch-new", p)].alphas, out[(bn, "switch-new", p)].loss) for p in SWITCH_AT}
-        ctx.claim(_sentence(f"{prefix}switching optimizer ({_label(old)} -> {_label(new)}) even late in training "
-                            "ends in a different basin from the run that never switched"),
-                  "switching optimizers at 25 / 50 / 75 % of training",
-                  "barrier switched<->unswitched " + ", ".join(f"{p}%: {fmt(b_old[p])}" for p in SWITCH_AT),
-                  all(b_old[p] > BARRIER_TOL for p in SWITCH_AT),
-                  note=f"{data_note}; fresh {_label(new)} state at the switch, its own rate"
-                       + ("; BN statistics recomputed at every point" if bn else ""),
-                  **{f"barrier_unswitched_{p}": b_old[p] for p in SWITCH_AT})
-        ctx.claim(_sentence(f"{prefix}the switched run also ends apart from the minimum that {_label(new)} alone "
-                            "reaches"),
-                  "switching optimizers at 25 / 50 / 75 % of training",
-                  f"barrier switched<->{_label(new)} alone " + ", ".join(f"{p}%: {fmt(b_new[p])}" for p in SWITCH_AT),
-                  all(b_new[p] > BARRIER_TOL for p in SWITCH_AT),
-                  note=data_note, **{f"barrier_{new}_alone_{p}": b_new[p] for p in SWITCH_AT})
+        prefix = "" if bn else "Without batch norm: "
+        ctx.claim(_sentence(f"{prefix}switching method at 25 / 50 / 75 % of training: \"regardless of how late we "
+                            "switch optimization algorithms ... the local minima found were all different\""),
+                  "§4.3, Fig. 7",
+                  f"{_label(old)} -> {_label(new)}: barrier to {_label(old)} alone "
+                  + ", ".join(f"{p}%: {fmt(b_old[p])}" for p in SWITCH_AT) + f"; to {_label(new)} alone "
+                  + ", ".join(f"{p}%: {fmt(b_new[p])}" for p in SWITCH_AT),
+                  all(b_old[p] > BARRIER_TOL and b_new[p] > BARRIER_TOL for p in SWITCH_AT),
+                  note=f"{setting(bn)}; different: a barrier > {BARRIER_TOL} to both unswitched solutions at every "
+                       f"switch point; fresh {_label(new)} state at the switch, its own rate; only SGD -> ADAM of the "
+                       f"paper's pairs; {data_note}",
+                  **{f"barrier_unswitched_{p}": b_old[p] for p in SWITCH_AT},
+                  **{f"barrier_{new}_alone_{p}": b_new[p] for p in SWITCH_AT})
 
-    # 9: batch norm changes the landscape: steeper valleys (narrower basins) around the solutions
-    w1 = {o: widths[(True, o)] for o in opts}
-    narrower = sum(w1[o] < w0[o] for o in opts)
-    med0 = float(np.median([barriers[(False, a, b)] for a, b in pairs]))
-    med1 = float(np.median([barriers[(True, a, b)] for a, b in pairs]))
-    ctx.claim("Batch norm changes the surface: the solutions sit in steeper valleys (narrower basins along eq. 1) "
-              "rather than on plateaus",
-              "surfaces with / without batch norm",
-              f"basin narrower with BN for {narrower}/6 optimizers (median width "
-              f"{fmt(float(np.median(list(w0.values()))), 2)} -> {fmt(float(np.median(list(w1.values()))), 2)}); "
-              "median barrier between optimizers "
-              f"{fmt(med0)} -> {fmt(med1)}",
-              narrower >= 5,
-              note="agrees when >= 5 of 6 basins are narrower with BN; BN statistics recomputed at every point; "
+    # 11: without BN the quality of the minimum depends more on the initialization (§4.4, Table 2, Fig. 8)
+    spread_err = {bn: float(np.median([abs(facts["test_acc"][f"{_tag(bn)}:{o}@init0"]
+                                           - facts["test_acc"][f"{_tag(bn)}:{o}@init1"]) for o in opts]))
+                  for bn in (True, False)}
+    ctx.claim("\"without batch normalization, the quality of local minimum found by a given algorithm is much more "
+              "dependent on the initialization\"", "§4.4, Table 2, Fig. 8; §5",
+              f"median over the 7 methods of the test-accuracy difference between the two initializations: without "
+              f"BN {fmt(spread_err[False], 3)}, with BN {fmt(spread_err[True], 3)}",
+              spread_err[False] >= MUCH_MORE * spread_err[True],
+              note=f"much more: the median spread without BN at least {MUCH_MORE:g} x the spread with BN; two "
+                   f"initializations per method (the paper: several); test accuracy on the whole test split; "
                    f"{data_note}",
-              basins_narrower_with_bn=narrower, median_width_nobn=float(np.median(list(w0.values()))),
-              median_width_bn=float(np.median(list(w1.values()))), median_barrier_nobn=med0,
-              median_barrier_bn=med1, **{f"width_bn_{o}": w1[o] for o in opts})
+              spread_nobn=spread_err[False], spread_bn=spread_err[True])
 
-    facts["basin_width"] = {f"{_tag(bn)}:{o}": widths[(bn, o)] for bn in (False, True) for o in opts}
-    facts["barrier"] = {f"{_tag(bn)}:{a}~{b}": barriers[(bn, a, b)] for bn in (False, True) for a, b in pairs}
+    # 12: BN: sharp unimodal jumps between minima; without BN wide bumpy shapes (§4.4)
+    modes = {}
+    for bn in (True, False):
+        modes[bn] = [_n_maxima(out[(bn, "line", p)].loss) for p in pairs]
+    uni = {bn: sum(m <= 1 for m in modes[bn]) for bn in (True, False)}
+    ctx.claim("\"with batch normalization we see sharp unimodal jumps in performance but without batch normalization "
+              "we obtain wide bumpy shapes that aren't necessarily unimodal\"", "§4.4, Table 2",
+              f"lines between two methods' solutions with at most one interior maximum: with BN {uni[True]}/"
+              f"{len(pairs)}, without BN {uni[False]}/{len(pairs)}",
+              uni[True] == len(pairs) and uni[False] < len(pairs),
+              note=f"unimodal: at most one strict interior local maximum of the training loss on {st.line} points; "
+                   "agrees when every BN line is unimodal and some line without BN is not; 'sharp' and 'wide' are "
+                   f"not tested; {data_note}",
+              unimodal_bn=uni[True], unimodal_nobn=uni[False])
+
+    # observations of ours (not counted)
+    ctx.observe("The triangle through the SGD, RK2 and Adam solutions rises at its centre above its corners",
+                "ours (Table 1's triangles pass through the initialization)",
+                f"with BN {fmt(rise_bary)}", rise_bary > BARRIER_TOL,
+                note=f"barycentric {'/'.join(_label(o) for o in BARYCENTRIC)}, centre above the highest corner",
+                centre_rise_barycentric=rise_bary)
+    w0 = {o: widths[(False, o)] for o in opts}
+    narrower = sum(w1[o] < w0[o] for o in opts)
+    ctx.observe("With batch norm the basins along eq. 1 are narrower", "ours (§4.4 says nothing of basin width)",
+                f"narrower with BN for {narrower}/{len(opts)} methods (median width "
+                f"{fmt(float(np.median(list(w0.values()))), 2)} -> {fmt(float(np.median(list(w1.values()))), 2)})",
+                narrower >= len(opts) - 1, note="holds when all but at most one are narrower",
+                basins_narrower_with_bn=narrower, median_width_nobn=float(np.median(list(w0.values()))),
+                median_width_bn=float(np.median(list(w1.values()))))
+
+    facts["basin_width"] = {f"{_tag(bn)}:{o}": widths[(bn, o)] for bn in (True, False) for o in opts}
+    facts["barrier"] = {f"{_tag(bn)}:{a}~{b}": barriers[(bn, a, b)] for bn in (True, False) for a, b in pairs}
+    facts["beyond_solution_rise"] = {f"{_tag(bn)}:{o}": beyond[(bn, o)] for bn in (True, False) for o in opts}
     ctx.note(f"Training: LeNet-style MLP ({ctx.s.model}) on {ctx.s.dataset}, batch 128, {st.steps}, constant rates "
-             + ", ".join(f"{_label(o)} {OPTIMIZERS[o][1]:g}" for o in opts) + "; seed 0 for every run (the same "
-             "initialization: checked bit for bit), the same minibatch order except the re-runs (data seed 1).")
+             + ", ".join(f"{_label(o)} {OPTIMIZERS[o][1]:g}" for o in opts) + " (the Runge-Kutta rates doubled, "
+             "§3.4); initialization seed 0 for every §4.1 run (checked bit for bit) and seed 1 for the second "
+             "initialization, one minibatch order throughout. No dropout (the paper uses it with batch norm).")
     ctx.note(f"Loss surfaces (lines, planes, rays) are the training loss on {_n(ctx, st)}; functions are compared "
-             f"(disagreement, functional distance, error difference) on {_n(ctx, st, 'test')}; with batch norm every "
-             "point's statistics "
-             f"are recomputed on {'the first ' + str(st.calib_limit) if st.calib_limit else 'all'} training images "
-             f"(bn='recompute'). Barrier = max over the line of the loss above the chord between its ends; a barrier "
-             f"counts when > {BARRIER_TOL}.")
-    ctx.note("Test accuracy of the solutions: " + ", ".join(
-        f"{_label(o)} {facts['test_acc'][f'nobn:{o}']:.4f} / {facts['test_acc'][f'bn:{o}']:.4f} (BN)" for o in opts))
+             f"(disagreement, functional distance, errors) on {_n(ctx, st, 'test')}; with batch norm every point's "
+             f"statistics are recomputed on "
+             f"{'the first ' + str(st.calib_limit) if st.calib_limit else 'all'} training images (bn='recompute'). "
+             f"Barrier = max over the line of the loss above the chord between its ends; a barrier counts when > "
+             f"{BARRIER_TOL}.")
+    ctx.note("Test accuracy of the solutions (initialization 0, with BN / without BN): " + ", ".join(
+        f"{_label(o)} {facts['test_acc'][f'bn:{o}@init0']:.4f} / {facts['test_acc'][f'nobn:{o}@init0']:.4f}"
+        for o in opts))
     _figures(ctx, out, widths, barriers, disagree, dist_init)
+
+
+def _n_maxima(values) -> int:
+    """Strict interior local maxima of a sampled curve."""
+    v = np.asarray(values, dtype=np.float64)
+    return int(np.sum((v[1:-1] > v[:-2]) & (v[1:-1] > v[2:])))
 
 
 def _sentence(text: str) -> str:
@@ -479,7 +556,7 @@ def _figures(ctx, out, widths, barriers, disagree, dist_init) -> None:
             ax.set_yticks(range(len(opts)), labels, fontsize=7)
             ax.set_title(f"{name}, {'with' if bn else 'without'} batch norm", fontsize=9)
             fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.suptitle("Between the solutions of six optimizers from one initialization")
+    fig.suptitle("Between the solutions of seven methods from one initialization")
     ctx.figure(fig, "pairs", "Barrier of the training loss (its max above the chord) on the line between every pair "
                              "of solutions, and the pair's label disagreement on the test set, without (top) and "
                              "with (bottom) batch norm")

@@ -2,7 +2,7 @@
 
 A :class:`Step` is an iteration count that knows the epoch length, parsed from OpenLTH-style strings
 (``"160ep"``, ``"500it"``, ``"2ep100it"``). :func:`frankle_schedule` is the checkpoint set of Frankle (2020):
-``{0} U {2^k : k <= 10} U {1000 k}``. :func:`parse_checkpoints` turns the trainer's ``checkpoints`` option
+``{0} U {2^k : k <= 10} U {1000 k : k > 1}``. :func:`parse_checkpoints` turns the trainer's ``checkpoints`` option
 into a set of steps.
 """
 
@@ -86,8 +86,8 @@ def parse_steps(s: str | int, steps_per_epoch: int, total: int | None = None) ->
 
 
 def frankle_schedule(total_steps: int, steps_per_epoch: int | None = None) -> set[int]:
-    """Frankle (2020)'s checkpoint iterations: ``{0} U {2^k : 0 <= k <= 10} U {1000 k : k >= 1}``, up to
-    ``total_steps`` inclusive.
+    """Frankle (2020, §2)'s checkpoint iterations: ``{0} U {2^k : 0 <= k <= 10} U {1000 k : k > 1}``, up to
+    ``total_steps`` inclusive (1000 itself is not in the paper's set; 1024 is).
 
     Parameters
     ----------
@@ -99,10 +99,10 @@ def frankle_schedule(total_steps: int, steps_per_epoch: int | None = None) -> se
     Returns
     -------
     set of int
-        For a 62,560-iteration run: 0, 1, 2, 4, ..., 1024, 1000, 2000, ..., 62000 (74 steps).
+        For a 62,560-iteration run: 0, 1, 2, 4, ..., 1024, 2000, 3000, ..., 62000 (73 steps).
         The trainer additionally saves the final step (the endpoint of every interpolation).
     """
-    steps = {0} | {2**k for k in range(11)} | set(range(1000, total_steps + 1, 1000))
+    steps = {0} | {2**k for k in range(11)} | set(range(2000, total_steps + 1, 1000))
     return {s for s in steps if s <= total_steps}
 
 
