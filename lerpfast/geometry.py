@@ -49,6 +49,8 @@ def parse_coords(values: Any, name: str = "alphas") -> np.ndarray:
             raise ValueError(f"{name}={values!r}: expected 'start:stop:num' with numbers, e.g. '-0.5:1.5:81'") from e
         if num < 1:
             raise ValueError(f"{name}={values!r}: num must be >= 1")
+        if not (np.isfinite(start) and np.isfinite(stop)):
+            raise ValueError(f"{name}={values!r}: start and stop must be finite numbers, e.g. '-0.5:1.5:81'")
         return np.linspace(start, stop, num, dtype=np.float64)
     if torch.is_tensor(values):
         values = values.detach().cpu().double().numpy()

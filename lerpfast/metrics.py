@@ -7,6 +7,14 @@ For K points (and optionally a reference point) and batches of logits:
 * ``distance``: functional distance to the reference, Im et al. eq. 4.1 on softmax outputs,
   ``sqrt(mean_i ||softmax(f(x_i; theta_k)) - softmax(f(x_i; theta_ref))||^2)``;
 * ``disagreement``: fraction of samples whose predicted label differs from the reference's.
+
+Non-finite logits (the same rule on every path: this torch code, the fused Triton kernel
+:mod:`lerpfast.kernels.point_metrics` and its reference): a sample whose logits contain a NaN or a +inf in any
+class has no defined prediction, so it counts as wrong for top-1 and top-5, its loss and distance are NaN (so the
+point's mean loss / distance are NaN), and it disagrees with the reference (as does every sample whose
+reference logits contain a NaN or +inf). A -inf logit is a class of probability 0 and is scored normally (the
+loss is +inf when the target's logit is -inf). Class labels must lie in ``[0, C)``: a label outside is a
+``ValueError`` naming the label, its position in the batch and C (one min / max check per batch).
 """
 
 from __future__ import annotations
@@ -36,6 +44,22 @@ def _fused(logits: torch.Tensor) -> bool:
     from lerpfast.engine.dispatch import forced_backend, planned
 
     return forced_backend() == "triton" or planned(logits.device)
+
+
+def _nonfinite_rows(z: torch.Tensor) -> torch.Tensor:
+    """Rows (last dimension) holding a NaN or a +inf: their softmax and argmax are undefined."""
+    return (torch.isnan(z) | torch.isposinf(z)).any(-1)
+
+
+def _check_labels(t: torch.Tensor, C: int) -> None:
+    """Labels in ``[0, C)``, one device-side min / max and one host sync per batch; the error names the first
+    offending label, its position in the batch and C."""
+    lo, hi = torch.aminmax(t)
+    if bool((lo < 0) | (hi >= C)):
+        pos = int(((t < 0) | (t >= C)).nonzero()[0, 0])
+        raise ValueError(f"label {int(t[pos])} at position {pos} of the batch is outside [0, {C}) for {C} classes "
+                         f"(the model's output has {C} logits per sample): check the data's labels or the model's "
+                         f"output size")
 
 
 class PointMetrics:
@@ -70,6 +94,8 @@ class PointMetrics:
             self.sums = {k: torch.zeros(K, dtype=torch.float64, device=logits.device) for k in METRIC_NAMES}
         s = self.sums
         by_class = not (t.is_floating_point() or t.is_complex())  # class indices (a custom loss may regress)
+        if by_class and n:
+            _check_labels(t, C)
         if by_class and not self.custom_loss and _fused(logits):
             # one Triton pass over the (K, N, C) logits instead of ~10 float64 torch kernels (lerpfast.kernels.
             # point_metrics), chosen by measurement against the torch path like every dispatched op
@@ -97,10 +123,13 @@ class PointMetrics:
                     raise ValueError(f"the default loss (cross-entropy) needs class indices as targets, got "
                                      f"{t.dtype}; pass loss_fn= for other targets")
                 s["loss"] += (zmax + torch.log(se) - zt).sum((1, 2))
+        bad = _nonfinite_rows(z)  # (K, N): NaN or +inf logits: no defined prediction (module docstring)
+        if not self.custom_loss:
+            s["loss"] += torch.where(bad, float("nan"), 0.0).sum(1)  # cross-entropy of a +inf row is not inf
         pred = z.argmax(-1)  # (K, N): the first maximum, NaN counting as the largest
-        s["error"] += (pred != t).sum(1).double()
+        s["error"] += ((pred != t) | bad).sum(1).double()
         if C >= 5 and not by_class:
-            s["top5_error"] += (~(z.topk(5, dim=-1).indices == t[None, :, None]).any(-1)).sum(1).double()
+            s["top5_error"] += ((~(z.topk(5, dim=-1).indices == t[None, :, None]).any(-1)) | bad).sum(1).double()
         elif C >= 5:
             # rank of the target among the classes, ordered as argmax orders them (NaN largest, ties by index):
             # top-5 error = rank >= 5 (rank >= 1 is exactly pred != t)
@@ -108,13 +137,14 @@ class PointMetrics:
             z_nan, t_nan = torch.isnan(z), torch.isnan(zt)
             above = (z > zt) | (z_nan & ~t_nan)
             tie = ((z == zt) | (z_nan & t_nan)) & (cols < tk)
-            s["top5_error"] += ((above.sum(-1) + tie.sum(-1)) >= 5).sum(1).double()
+            s["top5_error"] += (((above.sum(-1) + tie.sum(-1)) >= 5) | bad).sum(1).double()
         if ref_logits is not None:
             r = ref_logits.reshape(-1, C).double()
             er = torch.exp(r - r.amax(-1, keepdim=True))
             diff = e / se - (er / er.sum(-1, keepdim=True))[None]  # softmax(z) - softmax(r)
-            s["distance"] += diff.pow(2).sum(-1).sum(1)
-            s["disagreement"] += (pred != r.argmax(-1)[None]).sum(1).double()
+            bad_either = bad | _nonfinite_rows(r)[None]
+            s["distance"] += torch.where(bad_either, float("nan"), diff.pow(2).sum(-1)).sum(1)
+            s["disagreement"] += ((pred != r.argmax(-1)[None]) | bad_either).sum(1).double()
         self.count += n
 
     def compute(self) -> dict[str, np.ndarray]:

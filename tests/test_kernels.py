@@ -263,6 +263,41 @@ def test_point_metrics(K, N, C, with_ref, dtype):
         assert (out["distance"] == 0).all() and (out["disagreement"] == 0).all()
 
 
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_point_metrics_nonfinite_rows(with_ref):
+    """The rule of lerpfast.metrics on NaN / +inf logits (issue 15 section 0): such a row is a top-1 and top-5
+    error with NaN loss and distance and disagrees with the reference; -inf logits score normally. The kernel,
+    its torch reference and the fp64 torch path of PointMetrics agree on every quantity."""
+    from lerpfast.metrics import PointMetrics
+
+    K, N, C = 3, 7, 11
+    z = torch.zeros(K, N, C)
+    z[:, :, 2] = 4.0
+    t = torch.full((N,), 2, dtype=torch.long)
+    z[1, 0, 5] = float("nan")  # NaN outside the target: tl.max / argmax may pick the target anyway
+    z[1, 3, 2] = float("inf")  # +inf in the target class
+    z[2, 4, 7] = float("-inf")  # legitimate: probability 0
+    z[2, 6, :] = float("nan")
+    r = torch.zeros(N, C)
+    r[:, 2] = 4.0
+    r[5, 0] = float("nan") if with_ref else 0.0
+    r = r if with_ref else None
+    out = km.point_metrics(z.to(DEVICE), t.to(DEVICE), None if r is None else r.to(DEVICE))
+    ref = km.point_metrics_ref(z, t, r)
+    pm = PointMetrics(K, reference=with_ref)
+    pm.update(z.double(), t, None if r is None else r.double())
+    oracle = {k: v.cpu() for k, v in pm.sums.items()}
+    assert oracle["error"].tolist() == [0, 2, 1] and oracle["top5_error"].tolist() == [0, 2, 1]
+    for name in km.METRIC_NAMES if with_ref else ("loss", "error", "top5_error"):
+        for got in (out[name].cpu(), ref[name].cpu()):
+            assert torch.equal(torch.isnan(got), torch.isnan(oracle[name])), (name, got, oracle[name])
+            fin = ~torch.isnan(got)
+            torch.testing.assert_close(got[fin], oracle[name][fin], rtol=1e-5, atol=1e-5, msg=name)
+    assert torch.isnan(oracle["loss"][1:]).all() and not torch.isnan(oracle["loss"][0])
+    if with_ref:
+        assert oracle["disagreement"].tolist() == [1, 3, 2] and torch.isnan(oracle["distance"]).all()
+
+
 # ------------------------------------------------------------------------------------------ combine
 
 

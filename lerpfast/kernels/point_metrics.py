@@ -13,6 +13,10 @@ Definitions (shared with :func:`point_metrics_ref`):
   ``argmax`` does); top-1 error = rank >= 1, top-5 error = rank >= 5;
 * distance: ``||softmax(z) - softmax(z_ref)||^2`` summed over rows (Im et al. 2016, eq. 4.1, before mean/sqrt);
 * disagreement: ``argmax(z) != argmax(z_ref)`` (first index among ties).
+
+Non-finite logits (the rule of :mod:`lerpfast.metrics`): a row holding a NaN or a +inf counts as a top-1 and
+top-5 error, its loss is NaN and, against a reference, its distance is NaN and it disagrees (likewise a
+reference row holding a NaN or +inf). Tested explicitly because ``tl.max`` may drop NaN.
 """
 
 from __future__ import annotations
@@ -58,17 +62,18 @@ def _point_metrics_kernel(
                 other=-float("inf")).to(tl.float32)
     z = tl.where(mask_n[:, None], z, 0.0)  # padded rows: finite, masked out of every sum below
     t = tl.load(T_ptr + rn, mask=mask_n, other=0).to(tl.int64)
+    bad_z = tl.max(((z != z) | (z == float("inf"))).to(tl.int32), axis=1) > 0  # NaN / +inf row (docstring)
 
     zmax = tl.max(z, axis=1)
     ez = tl.exp(z - zmax[:, None])
     sz = tl.sum(ez, axis=1)
     lse = zmax + tl.log(sz)
     zt = tl.sum(tl.where(cols[None, :] == t[:, None], z, 0.0), axis=1)
-    loss = tl.where(mask_n, lse - zt, 0.0)
+    loss = tl.where(mask_n, tl.where(bad_z, float("nan"), lse - zt), 0.0)
     above = (z > zt[:, None]) | ((z == zt[:, None]) & (cols[None, :] < t[:, None]))
     rank = tl.sum(above.to(tl.int32), axis=1)
-    err1 = tl.where(mask_n & (rank >= 1), 1.0, 0.0)
-    err5 = tl.where(mask_n & (rank >= 5), 1.0, 0.0)
+    err1 = tl.where(mask_n & ((rank >= 1) | bad_z), 1.0, 0.0)
+    err5 = tl.where(mask_n & ((rank >= 5) | bad_z), 1.0, 0.0)
 
     o = OUT_ptr + k * stride_ok + pid_b * stride_ob
     tl.store(o + 0, tl.sum(loss, axis=0))
@@ -78,14 +83,15 @@ def _point_metrics_kernel(
         r = tl.load(R_ptr + rn[:, None] * stride_rn + cols[None, :] * stride_rc, mask=mask,
                     other=-float("inf")).to(tl.float32)
         r = tl.where(mask_n[:, None], r, 0.0)
+        bad = bad_z | (tl.max(((r != r) | (r == float("inf"))).to(tl.int32), axis=1) > 0)
         am_z, _ = _first_argmax(z, cols, BLOCK_C)
         am_r, rmax = _first_argmax(r, cols, BLOCK_C)
         er = tl.exp(r - rmax[:, None])
         p = ez / sz[:, None]
         q = er / tl.sum(er, axis=1)[:, None]
         d = tl.where(mask, (p - q) * (p - q), 0.0)
-        dist = tl.where(mask_n, tl.sum(d, axis=1), 0.0)
-        dis = tl.where(mask_n & (am_z != am_r), 1.0, 0.0)
+        dist = tl.where(mask_n, tl.where(bad, float("nan"), tl.sum(d, axis=1)), 0.0)
+        dis = tl.where(mask_n & ((am_z != am_r) | bad), 1.0, 0.0)
         tl.store(o + 3, tl.sum(dist, axis=0))
         tl.store(o + 4, tl.sum(dis, axis=0))
     else:
@@ -139,12 +145,16 @@ def point_metrics_ref(logits: torch.Tensor, target: torch.Tensor, ref_logits: to
     cols = torch.arange(C, device=z.device)
     above = (z > zt) | ((z == zt) & (cols.view(1, 1, C) < t.view(1, N, 1)))
     rank = above.sum(2)
-    out = {"loss": loss, "error": (rank >= 1).sum(1).to(dtype), "top5_error": (rank >= 5).sum(1).to(dtype)}
+    bad = (torch.isnan(z) | torch.isposinf(z)).any(-1)  # (K, N): NaN / +inf rows (module docstring)
+    loss = loss + torch.where(bad, float("nan"), 0.0).sum(1)
+    out = {"loss": loss, "error": ((rank >= 1) | bad).sum(1).to(dtype),
+           "top5_error": ((rank >= 5) | bad).sum(1).to(dtype)}
     if ref_logits is not None:
         r = ref_logits.to(dtype)
+        bad = bad | (torch.isnan(r) | torch.isposinf(r)).any(-1)[None]
         p, q = torch.softmax(z, -1), torch.softmax(r, -1)
-        out["distance"] = ((p - q[None]) ** 2).sum((1, 2))
-        out["disagreement"] = (z.argmax(-1) != r.argmax(-1)[None]).sum(1).to(dtype)
+        out["distance"] = torch.where(bad, float("nan"), ((p - q[None]) ** 2).sum(2)).sum(1)
+        out["disagreement"] = ((z.argmax(-1) != r.argmax(-1)[None]) | bad).sum(1).to(dtype)
     else:
         out["distance"] = torch.zeros(K, dtype=dtype, device=z.device)
         out["disagreement"] = torch.zeros(K, dtype=dtype, device=z.device)
