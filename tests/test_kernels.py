@@ -121,6 +121,40 @@ def test_lerp_linear_epilogue(shared):
     _assert_within(out, same, ref, "fp32")
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_lerp_linear_epilogue_keeps_nan(shared):
+    """An extrapolated BN point whose running variance goes negative folds to a NaN scale; PyTorch's BN + ReLU
+    then gives NaN, and so must the fused epilogue (tl.maximum drops NaN unless told to propagate it)."""
+    K, J, M, N, IN, OUT = 3, 1, 2, 5, 7, 6
+    wa, wd = _slice(M, J, (OUT, IN), seed=3)
+    idx, c = _points(K, M, J, seed=5)
+    x = torch.randn(((N, IN) if shared else (K, N, IN)), device=DEVICE)
+    scale = torch.rand(K, OUT, device=DEVICE) + 0.5
+    scale[1, 2] = float("nan")  # rsqrt(var + eps) of a negative variance
+    bn = (scale, torch.randn(K, OUT, device=DEVICE))
+    kw = dict(shared_input=shared, bn=bn, residual=None, relu=True)
+    out = klin.lerp_linear(x, wa, wd, idx, c, None, None, precision="fp32", **kw)
+    ref = klin.lerp_linear_ref(x.double(), wa, wd, idx, c, None, None, dtype=torch.float64, **kw)
+    assert torch.isnan(ref[1, :, 2]).all()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+
+
+def test_lerp_conv2d_epilogue_keeps_nan():
+    """As for linear: a negative extrapolated running variance gives NaN through BN + ReLU, like PyTorch."""
+    K, J, M, N, C, CO, H, W = 3, 1, 2, 2, 3, 4, 5, 5
+    wa, wd = _slice(M, J, (CO, C, 3, 3), seed=31)
+    idx = torch.zeros(K, dtype=torch.long, device=DEVICE)
+    c = torch.tensor([[0.0], [1.0], [2.0]], device=DEVICE)
+    x = torch.randn(K, N, C, H, W, device=DEVICE)
+    var = (torch.full((M, CO), 0.5, device=DEVICE), torch.full((J, CO), -0.4, device=DEVICE))  # 0.5 - 0.8 < 0 at c=2
+    bn = bn_fold(None, None, (torch.zeros(M, CO, device=DEVICE), None), var, 1e-5, idx, c)
+    kw = dict(bn=bn, residual=None, relu=True)
+    out = kconv.lerp_conv2d(x, wa, wd, idx, c, None, None, 1, 1, precision="fp32", **kw)
+    ref = kconv.lerp_conv2d_ref(x.double(), wa, wd, idx, c, None, None, 1, 1, dtype=torch.float64, **kw)
+    assert torch.isnan(ref[2]).all() and not torch.isnan(ref[:2]).any()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+
+
 def test_lerp_linear_bf16_activations():
     K, J, M, N, IN, OUT = 3, 2, 2, 37, 97, 5
     wa, wd = _slice(M, J, (OUT, IN), seed=11)

@@ -146,9 +146,12 @@ def bias_bn(acc, k, a, ro, mask_o, c0, c1, c2, BA_ptr, stride_bam, BD_ptr, strid
 
 @triton.jit
 def finish(acc, RELU, OUT_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    """ReLU, and bf16 round-to-nearest-even where the interpreter's store would truncate."""
+    """ReLU, and bf16 round-to-nearest-even where the interpreter's store would truncate.
+
+    The ReLU keeps NaN like ``torch.relu`` (``tl.maximum`` would turn it into 0): a point whose BN running
+    variance extrapolates below zero folds to a NaN scale and must give NaN outputs, as PyTorch does."""
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
     if OUT_BF16 and EMULATE_BF16:
         acc = bf16_rne(acc)
     return acc
