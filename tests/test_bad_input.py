@@ -3,13 +3,17 @@
 distance are NaN and it disagrees with the reference."""
 
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 
-from lerpfast.geometry import parse_coords
-from lerpfast.metrics import PointMetrics
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (as tests/test_kernels.py does)
+
+from lerpfast.geometry import parse_coords  # noqa: E402
+from lerpfast.metrics import PointMetrics  # noqa: E402
 
 
 @pytest.mark.parametrize("spec", ["nan:1:3", "0:nan:3", "inf:1:3", "0:-inf:3"])
@@ -68,3 +72,62 @@ def test_nan_reference_disagrees_everywhere():
     m.update(z, t, r)
     out = m.compute()
     assert out["disagreement"][0] == 0.25 and math.isnan(out["distance"][0])
+
+
+def _bn_mlp_negative_variance():
+    """The 16-32-BN-10 MLP of issue 15 section 0: at alpha = 2 the interpolated running variance of every
+    channel is 2 * var_b - var_a < 0, so the BN output (and the logits) are NaN in PyTorch."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    a = {k: v.clone() for k, v in model.state_dict().items()}
+    b = {k: v.clone() for k, v in a.items()}
+    a["1.running_var"] = torch.full((32,), 2.0)
+    b["1.running_var"] = torch.full((32,), 0.5)
+    g = torch.Generator().manual_seed(1)
+    data = (torch.randn(12, 16, generator=g), torch.randint(0, 10, (12,), generator=g))
+    return model, a, b, data
+
+
+def _assert_nan_point_scored(res, oracle):
+    for name in ("loss", "error", "top5_error"):
+        got, want = np.asarray(res.metrics[name]), np.asarray(oracle.metrics[name])
+        assert np.array_equal(np.isnan(got), np.isnan(want)), (name, got, want)
+        fin = ~np.isnan(want)
+        np.testing.assert_allclose(got[fin], want[fin], rtol=1e-4, atol=1e-5, err_msg=name)
+    assert np.isnan(oracle.metrics["loss"][-1]) and oracle.metrics["error"][-1] == 1
+    assert oracle.metrics["top5_error"][-1] == 1 and np.isfinite(oracle.metrics["loss"][:-1]).all()
+
+
+@pytest.mark.parametrize("method", ["loop", "engine", "vmap"])
+def test_nan_point_scores_like_the_oracle_on_every_method(method):
+    from lerpfast import sweep
+
+    model, a, b, data = _bn_mlp_negative_variance()
+    kw = dict(bn="interpolate", batch_size=5, reference=None)
+    oracle = sweep(model, (a, b), [0.0, 1.0, 2.0], [data], precision="fp64", method="loop", **kw)
+    res = sweep(model, (a, b), [0.0, 1.0, 2.0], [data], precision="fp32", method=method, **kw)
+    _assert_nan_point_scored(res, oracle)
+
+
+@pytest.mark.parametrize("method", ["loop", "engine"])
+def test_nan_point_scores_like_the_oracle_under_triton(monkeypatch, method):
+    """LERPFAST_BACKEND=triton (interpreter without a GPU): the fused metrics kernel (loop) and the fused
+    Linear + BN kernels (engine) agree with the oracle on the NaN point."""
+    pytest.importorskip("triton")
+    from test_fusion import _triton_modules
+
+    from lerpfast import sweep
+    from lerpfast.engine import dispatch
+
+    _triton_modules()
+    model, a, b, data = _bn_mlp_negative_variance()
+    kw = dict(bn="interpolate", batch_size=5, reference=None)
+    oracle = sweep(model, (a, b), [0.0, 1.0, 2.0], [data], precision="fp64", method="loop", **kw)
+    monkeypatch.setenv("LERPFAST_BACKEND", "triton")
+    dispatch.reset()
+    res = sweep(model, (a, b), [0.0, 1.0, 2.0], [data], precision="fp32", method=method, **kw)
+    used = dispatch.report()
+    assert used.get("point_metrics", {}).get("triton", 0) > 0, used
+    _assert_nan_point_scored(res, oracle)
