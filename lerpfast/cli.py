@@ -179,7 +179,32 @@ def _add_sweep(sub) -> None:
 def _device(name: str) -> str:
     from lerpfast.distributed import local_device
 
+    check_device(name)
     return local_device(name)
+
+
+def check_device(name: str, flag: str = "--device") -> None:
+    """A usage error (exit 2) for a device torch cannot parse, or CUDA asked for where there is none."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"{flag} {name!r}: not a device (use cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"{flag} {name!r}: no CUDA GPU is available on this machine (use --device cpu or "
+                           f"auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"{flag} {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+
+
+def check_positive(value: int | None, flag: str) -> None:
+    """A usage error (exit 2) for an integer option that must be >= 1 when given."""
+    if value is not None and value < 1:
+        raise CLIError(f"{flag} {value}: must be a positive integer (leave it out for the default)")
 
 
 def _resolve_checkpoints(tokens: Sequence[str], opts: SweepOptions) -> tuple[list, list[str]]:
@@ -243,6 +268,9 @@ def _build_model_and_data(opts: SweepOptions):
     if dataset is None:
         raise CLIError("which data? give --data NAME (see `lerpfast data list`)")
     device = _device(opts.device)
+    if dataset not in ld.REGISTRY:
+        raise CLIError(f"--data {dataset!r}: unknown data set (known: {', '.join(ld.REGISTRY)}; see "
+                       f"`lerpfast data list`)")
     data = ld.load(dataset, opts.split, root=opts.data_root, device=device, batch_size=opts.batch_size,
                    limit=opts.limit)
     try:
@@ -297,6 +325,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from lerpfast.analysis import barrier, max_increase
     from lerpfast.distributed import init_from_env
 
+    check_positive(opts.threads, "--threads")
+    check_positive(opts.points_per_pass, "--points-per-pass")
+    check_device(opts.device)
     rank, world = init_from_env()  # under torchrun: points sharded over the ranks, rank 0 writes the store
     if opts.threads:
         torch.set_num_threads(opts.threads)

@@ -141,3 +141,41 @@ def test_data_and_bench_are_wired(capsys):
     assert main(["bench", "--list"]) == 0
     assert "sweep" in capsys.readouterr().out
     assert main(["bench", "no-such-benchmark"]) == EXIT_USAGE
+
+
+@pytest.mark.parametrize("flag,value,code,words", [
+    ("--device", "tpu", EXIT_USAGE, ["--device", "'tpu'"]),
+    ("--device", "cuda", EXIT_USAGE, ["--device", "'cuda'", "no CUDA"]),
+    ("--data", "nosuch", EXIT_USAGE, ["--data", "'nosuch'", "digits"]),
+    ("--threads", "-1", EXIT_USAGE, ["--threads", "-1"]),
+    ("--points-per-pass", "-3", EXIT_USAGE, ["--points-per-pass", "-3"]),
+])
+def test_sweep_bad_option_values_are_one_line_errors(tmp_path, capsys, monkeypatch, flag, value, code, words):
+    """Issue 18 section 2: each bad value gets `lerpfast: error:` on one line and exit 2, before any checkpoint
+    is read (the checkpoints here are empty files, which would be exit 3)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    a.touch()
+    b.touch()
+    rc = main(["sweep", "line", str(a), str(b), "--model", "mlp", "--data", "digits", flag, value])
+    err = capsys.readouterr().err
+    assert rc == code, err
+    assert err.startswith("lerpfast: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    for w in words:
+        assert w in err, (w, err)
+
+
+@pytest.mark.parametrize("flag,value,words", [
+    ("--device", "tpu", ["--device", "'tpu'"]),
+    ("--threads", "-1", ["--threads", "-1"]),
+    ("--dataset", "nosuch", ["--dataset", "'nosuch'", "digits"]),
+])
+def test_train_bad_option_values_are_one_line_errors(tmp_path, capsys, flag, value, words):
+    rc = main(["train", "--model", "mlp", "--dataset", "digits", "--out-dir", str(tmp_path), flag, value])
+    err = capsys.readouterr().err
+    assert rc == EXIT_USAGE, err
+    assert err.startswith("lerpfast: error: ") and err.count("\n") == 1
+    for w in words:
+        assert w in err, (w, err)

@@ -92,8 +92,16 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from lerpfast.cli import CLIError, check_device, check_positive
     from lerpfast.train.trainer import train
 
+    check_positive(args.threads, "--threads")
+    check_device(args.device)
+    from lerpfast.data import REGISTRY
+
+    if args.dataset is not None and args.dataset not in REGISTRY:
+        raise CLIError(f"--dataset {args.dataset!r}: unknown data set (known: {', '.join(REGISTRY)}; see "
+                       f"`lerpfast data list`)")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
