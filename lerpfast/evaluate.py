@@ -432,7 +432,10 @@ def sweep(
 
     Parameters
     ----------
-    model : the network (an ``nn.Module``; never modified).
+    model : the network (an ``nn.Module``; never modified). Its logits are taken from its output by one rule on
+        every method (:func:`lerpfast.engine.model.logits_of`): a tensor as is, else ``out.logits``, else
+        ``out["logits"]``, else, for a tuple or list, the same rule applied to ``out[0]``. A forward returning
+        ``(features, logits)`` is therefore scored on the features: wrap the model so that it returns the logits.
     ckpts : a pair ``(theta_a, theta_b)`` for a line, or a slice (``Line``, ``Bilinear``, ``Barycentric``,
         ``Ray``, ``RandomDirections``). Checkpoints may be modules, state dicts or paths (.pt/.pth/.safetensors).
     alphas : the line's coordinates (list, array, tensor or ``"start:stop:num"``); values outside [0, 1]
