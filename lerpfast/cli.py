@@ -392,6 +392,30 @@ def _add_show(sub) -> None:
     p.set_defaults(func=cmd_show)
 
 
+def _add_repair(sub) -> None:
+    p = sub.add_parser("repair", help="mark a result file's damaged points for recomputation",
+                       description="Check every stored value of an HDF5 result file against its checksum and mark "
+                                   "the points of damaged chunks as not computed (their values are dropped); the next "
+                                   "run of the same sweep recomputes exactly those. Prints what it marked.",
+                       epilog="example:\n  lerpfast repair results.h5 && lerpfast sweep ... --store results.h5",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("store", help="HDF5 result file")
+    p.set_defaults(func=cmd_repair)
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    from lerpfast.store import ResultStore, _ranges_text
+
+    if not Path(args.store).exists():
+        raise CLIError(f"{args.store}: no such result file", EXIT_STORE)
+    fixed = ResultStore.repair(args.store)
+    if not fixed:
+        print(f"{args.store}: every stored value passes its checksum; nothing to repair")
+    for name, points in fixed.items():
+        print(f"{args.store}: sweep {name!r}: {len(points)} points marked for recomputation ({_ranges_text(points)})")
+    return EXIT_OK
+
+
 def _open_reader(path: str):
     from lerpfast.store import ResultStore
 
@@ -634,6 +658,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     command = _command_of(argv)
     _add_sweep(sub)
     _add_show(sub)
+    _add_repair(sub)
     _add_plot(sub)
     _add_external(sub, "train", "lerpfast.train.cli", "train models with checkpoint schedules and replicates",
                   command == "train")

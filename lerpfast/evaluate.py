@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -427,6 +428,7 @@ def sweep(
     distributed: bool | None = None,
     fuse: bool | str = "auto",
     compile: bool | str = False,  # noqa: A002 - torch's name for it
+    repair: bool = False,
 ) -> SweepResult:
     """Evaluate ``model`` at every point of a slice of weight space.
 
@@ -456,7 +458,10 @@ def sweep(
         index, or None to skip them.
     method : ``"engine"`` (batched), ``"loop"`` (the per-point oracle) or ``"vmap"`` (torch.func baseline).
     store, name : an HDF5 file (path or ``lerpfast.store.ResultStore``) and sweep name: results are written
-        chunk by chunk and a re-run computes only the missing points.
+        chunk by chunk and a re-run computes only the missing points. Stored values carry checksums: a store whose
+        values were damaged raises ``lerpfast.store.DamagedPointsError`` naming the sweeps and points.
+    repair : with ``store`` a path: first mark the store's damaged points as not computed
+        (``ResultStore.repair``, with a warning listing them), so this run recomputes exactly those.
     fallback : module names or types to force onto the per-module fallback path.
     channels_last : run 4-d activations in channels_last memory format.
     labels : names of the checkpoints for error messages and metadata.
@@ -558,6 +563,14 @@ def sweep(
     if store is not None and rank == 0:
         from lerpfast import store as store_mod
 
+        if repair:
+            if isinstance(store, store_mod.ResultStore):
+                raise ValueError("repair=True needs the store's path (an open ResultStore cannot be repaired)")
+            if os.path.exists(store):
+                fixed = store_mod.ResultStore.repair(store)
+                if fixed:
+                    warnings.warn(f"{store}: damaged points marked for recomputation: " + "; ".join(
+                        f"{n}: {store_mod._ranges_text(v)}" for n, v in fixed.items()), stacklevel=2)
         rs = store if isinstance(store, store_mod.ResultStore) else store_mod.ResultStore(store, mode="a")
         handle = rs.open_sweep(name or "sweep", coords=aff.coords, coord_names=aff.coord_names,
                                metric_names=_metric_names(ref is not None, loss_fn), attrs=meta,

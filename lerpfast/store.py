@@ -49,6 +49,7 @@ __all__ = [
     "StoreError",
     "StoreBusyError",
     "StoreCorruptError",
+    "DamagedPointsError",
     "SweepMismatchError",
     "sweep_fingerprint",
     "VOLATILE_ATTRS",
@@ -82,6 +83,18 @@ class StoreBusyError(StoreError):
 
 class StoreCorruptError(StoreError):
     """The file is not a readable HDF5 result store."""
+
+
+class DamagedPointsError(StoreCorruptError):
+    """Checksums of stored values failed: ``damaged`` maps sweep name -> sorted point indices that are unreadable.
+
+    The rest of the file is intact; ``ResultStore.repair()`` (``sweep(..., repair=True)``, ``lerpfast repair FILE``)
+    marks exactly those points as not computed, so the next run of the sweep recomputes them.
+    """
+
+    def __init__(self, message: str, path, damaged: dict[str, list[int]]):
+        super().__init__(message, path)
+        self.damaged = damaged
 
 
 class SweepMismatchError(StoreError):
@@ -317,6 +330,21 @@ def _corrupt(path: Path, e: BaseException | None = None, what: str = "") -> Stor
         f"move it aside or choose another --store path.", path)
 
 
+def _os_error(path: Path, e: OSError) -> StoreError:
+    """A file-system refusal as a StoreError naming the store and the cause."""
+    if e.errno == errno.ENOSPC:
+        why = "no space left on the device: free some space (the finished sweeps are intact) and run again"
+    elif e.errno == errno.EROFS:
+        why = "read-only file system: choose a --store path on a writable disk"
+    elif e.errno in (errno.ENOTDIR, errno.EEXIST) and not path.parent.is_dir():
+        why = f"{path.parent} is not a folder (a file is in the way)"
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        why = "permission denied"
+    else:
+        why = e.strerror or str(e)
+    return StoreError(f"{path}: cannot create or open the result store ({why})", path)
+
+
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
         raise ValueError(f"sweep name must be a non-empty string without '/', got {name!r}")
@@ -478,35 +506,53 @@ class ResultStore:
 
     def _open_writer(self) -> None:
         path = self.path
-        if path.is_dir():
-            raise StoreCorruptError(f"{path}: is a folder, not a result store file", path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        created = False
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            created = True
-        except FileExistsError:
-            try:
-                fd = os.open(path, os.O_RDWR)
-            except PermissionError as e:
-                raise StoreError(f"{path}: cannot open for writing ({e.strerror})", path) from None
+            if path.is_dir():
+                raise StoreCorruptError(f"{path}: is a folder, not a result store file", path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                self._create_file(path)
+            fd = os.open(path, os.O_RDWR)
+        except StoreError:
+            raise
+        except OSError as e:
+            raise _os_error(path, e) from None
         try:
             if not _lock_fd(fd):
                 raise StoreBusyError(
                     f"{path}: file in use: another process is writing this result store. Wait for it to "
                     f"finish, or write to another file (--store).", path)
-            if created or os.fstat(fd).st_size == 0:
-                if not created:
-                    raise _corrupt(path, what="empty file")
-                # The file is new and ours: write an empty HDF5 file into it.
-                self._h5 = h5py.File(path, "w", libver="latest", locking=False)
-            else:
-                self._h5 = self._open_existing(fd)
+            if os.fstat(fd).st_size == 0:  # (a store is never empty: it is created complete, then linked in place)
+                raise _corrupt(path, what="empty file")
+            self._h5 = self._open_existing(fd)
         except BaseException:
+            if self._h5 is not None:
+                self._h5.close()
+                self._h5 = None
             os.close(fd)
             raise
         self._lock_fd = fd
         self._enter_swmr()
+
+    @staticmethod
+    def _create_file(path: Path) -> None:
+        """Create an empty store atomically: written under a private name, then hard-linked into place.
+
+        Two processes creating the same store at once both succeed or one finds the other's complete file; no one
+        ever sees an empty or half-written file at ``path``.
+        """
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+        try:
+            h5py.File(tmp, "w", libver="latest", locking=False).close()
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process created it first: use theirs
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
 
     def _open_existing(self, fd: int) -> h5py.File:
         path = self.path
@@ -514,7 +560,7 @@ class ResultStore:
             raise _corrupt(path, what="not an HDF5 file")
         for attempt in range(2):
             try:
-                return h5py.File(path, "r+", libver="latest", locking=False)
+                h5 = h5py.File(path, "r+", libver="latest", locking=False)
             except OSError as e:
                 if _is_open_for_write_error(e) and attempt == 0:
                     # We hold the lerpfast writer lock, so no lerpfast writer is live. A non-lerpfast HDF5
@@ -525,7 +571,61 @@ class ResultStore:
                     if _clear_status_flags(fd):
                         continue
                 raise _corrupt(path, e) from None
+            try:
+                _verify(h5, path)
+            except BaseException:
+                h5.close()
+                raise
+            return h5
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def repair(path: str | os.PathLike) -> dict[str, list[int]]:
+        """Mark the points whose stored values fail their checksums as not computed; returns them per sweep.
+
+        Each damaged chunk of a sweep's ``done`` flags and metrics is rewritten whole (flags 0, metrics NaN), so
+        the next run of that sweep recomputes exactly those points; every other point keeps its value. A store
+        with damaged metadata (group structure, attributes) or coordinates cannot be repaired this way: that is a
+        StoreCorruptError. Takes the writer lock: a store being written is StoreBusyError.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such result store")
+        fd = os.open(path, os.O_RDWR)
+        try:
+            if not _lock_fd(fd):
+                raise StoreBusyError(f"{path}: file in use: another process is writing this result store; repair "
+                                     f"it when that process has finished.", path)
+            try:
+                h5 = h5py.File(path, "r+", libver="latest", locking=False)
+            except OSError as e:
+                raise _corrupt(path, e) from None
+            repaired: dict[str, set[int]] = {}
+            try:
+                try:
+                    _verify(h5, path)
+                    return {}
+                except DamagedPointsError as e:
+                    damaged = e.damaged
+                for name in damaged:
+                    group = h5[name]
+                    if _damaged_ranges(group["coords"]):
+                        raise _corrupt(path, what=f"the coordinates of sweep {name!r} are damaged; it cannot be "
+                                                  f"repaired, only run again under another name")
+                    datasets = [group["done"]] + [group["metrics"][m] for m in group["metrics"]]
+                    ranges = sorted({r for ds in datasets for r in _damaged_ranges(ds)})
+                    for lo, hi in ranges:
+                        _rewrite_chunk(group["done"], lo, 0)
+                        for m in group["metrics"]:
+                            _rewrite_chunk(group["metrics"][m], lo, np.nan)
+                        repaired.setdefault(name, set()).update(range(lo, hi))
+                h5.flush()
+                _verify(h5, path)
+            finally:
+                h5.close()
+            return {n: sorted(v) for n, v in repaired.items()}
+        finally:
+            os.close(fd)
 
     def _enter_swmr(self) -> None:
         try:
@@ -569,6 +669,20 @@ class ResultStore:
                 if attempt == 2:
                     raise _corrupt(path, what=f"truncated: {size} of {eof} bytes")
                 time.sleep(0.1)
+            # First a plain (non-SWMR) open: it fails at once on damaged metadata, where SWMR retries for minutes.
+            # It is refused while a writer holds the file in SWMR mode; the file is then being written, and a
+            # SWMR reader follows it.
+            try:
+                plain = h5py.File(path, "r", locking=False)
+            except OSError as e:
+                if not _is_open_for_write_error(e):
+                    raise _corrupt(path, e) from None
+                plain = None
+            if plain is not None:
+                try:
+                    _verify(plain, path)
+                finally:
+                    plain.close()
             try:
                 self.h5 = h5py.File(path, "r", libver="latest", swmr=True, locking=False)
             except OSError:
@@ -576,6 +690,11 @@ class ResultStore:
                 try:
                     self.h5 = h5py.File(path, "r", locking=False)
                 except OSError as e:
+                    if _is_open_for_write_error(e):
+                        raise StoreBusyError(
+                            f"{path}: another program has this file open for writing (not through lerpfast, which "
+                            f"lets readers follow its sweeps). Close it in that program, then read again.",
+                            path) from None
                     raise _corrupt(path, e) from None
             return self.h5
 
@@ -715,12 +834,12 @@ class ResultStore:
             if replace:  # a writer died while creating this sweep: nothing in it was ever computed
                 del h5[name]
             group = h5.create_group(name)
-            group.create_dataset("coords", data=coords)
             k = coords.shape[0]
-            group.create_dataset("done", data=np.zeros(k, dtype=np.uint8))
+            group.create_dataset("coords", data=coords, **_checked(coords.shape))
+            group.create_dataset("done", data=np.zeros(k, dtype=np.uint8), **_checked((k,)))
             metrics = group.create_group("metrics")
             for m in metric_names:
-                metrics.create_dataset(m, data=np.full(k, np.nan, dtype=np.float64))
+                metrics.create_dataset(m, data=np.full(k, np.nan, dtype=np.float64), **_checked((k,)))
             meta = dict(attrs)
             meta.setdefault("time", _now())
             _write_attrs(group, meta)
@@ -831,6 +950,93 @@ class ResultStore:
             return rows
 
         return self._with_file(fn)
+
+
+CHUNK_POINTS = 256  # points per checksummed chunk: a damaged chunk costs at most this many recomputed points
+
+
+def _checked(shape: tuple) -> dict:
+    """Dataset options: chunks of CHUNK_POINTS points, each with a Fletcher32 checksum verified on every read."""
+    chunks = (max(1, min(CHUNK_POINTS, int(shape[0]))),) + tuple(int(n) for n in shape[1:])
+    return {"chunks": chunks, "fletcher32": True}
+
+
+def _chunk_ranges(ds: h5py.Dataset) -> list[tuple[int, int]]:
+    n = int(ds.shape[0])
+    step = ds.chunks[0] if ds.chunks else max(n, 1)
+    return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+
+
+def _damaged_ranges(ds: h5py.Dataset) -> list[tuple[int, int]]:
+    """Point ranges of ``ds`` whose chunks fail to read (checksum or filter errors)."""
+    bad = []
+    for lo, hi in _chunk_ranges(ds):
+        try:
+            ds[lo:hi]
+        except (OSError, RuntimeError):
+            bad.append((lo, hi))
+    return bad
+
+
+def _rewrite_chunk(ds: h5py.Dataset, lo: int, fill) -> None:
+    """Replace the chunk of ``ds`` starting at point ``lo`` by ``fill`` without reading it (it may be damaged).
+
+    A partial chunk write would make HDF5 read the old chunk first; a direct chunk write does not. The new chunk's
+    bytes, checksum included, are made by HDF5 itself in an in-memory file with the same chunking and filters.
+    """
+    if not ds.chunks:  # contiguous (old files): no checksums, nothing can be detected or rewritten per chunk
+        ds[lo:] = fill
+        return
+    with h5py.File(f"lerpfast-chunk-{id(ds)}", "w", driver="core", backing_store=False) as mem:
+        tmp = mem.create_dataset("c", shape=ds.chunks, dtype=ds.dtype, chunks=ds.chunks, fletcher32=ds.fletcher32)
+        tmp[...] = np.full(ds.chunks, fill, dtype=ds.dtype)
+        mask, raw = tmp.id.read_direct_chunk((0,) * ds.ndim)
+    ds.id.write_direct_chunk((lo,) + (0,) * (ds.ndim - 1), raw, filter_mask=mask)
+
+
+def _verify(h5: h5py.File, path: Path) -> None:
+    """Read every object, attribute and stored value of the file once, without SWMR.
+
+    HDF5 answers a metadata checksum failure at once outside SWMR mode, while a SWMR reader or writer retries the
+    read for minutes: damage is found here, before any SWMR access. Raises StoreCorruptError naming the object
+    for damaged metadata, DamagedPointsError naming each sweep and its unreadable points for damaged values.
+    """
+    damaged: dict[str, set[int]] = {}
+    names = []
+    try:
+        names = list(h5.keys())
+        for name in names:
+            group = h5[name]
+            if not isinstance(group, h5py.Group):
+                continue
+            dict(group.attrs)
+            for sub in group.keys():
+                obj = group[sub]
+                items = [obj] if isinstance(obj, h5py.Dataset) else [obj[m] for m in obj.keys()]
+                for ds in items:
+                    dict(ds.attrs)
+                    for lo, hi in _damaged_ranges(ds):
+                        damaged.setdefault(name, set()).update(range(lo, hi))
+    except (OSError, RuntimeError, KeyError, ValueError) as e:
+        raise _corrupt(path, e, what=f"damaged HDF5 metadata ({str(e).split('(')[-1].rstrip(')')})") from None
+    if damaged:
+        pts = {n: sorted(v) for n, v in damaged.items()}
+        desc = "; ".join(f"sweep {n!r}: points {_ranges_text(v)}" for n, v in pts.items())
+        raise DamagedPointsError(
+            f"{path}: stored values fail their checksums ({desc}). Nothing else in the file is affected: "
+            f"`lerpfast repair {path}` (or sweep(..., repair=True)) marks exactly these points for recomputation.",
+            path, pts)
+
+
+def _ranges_text(points: list[int]) -> str:
+    out, start = [], None
+    for i, p in enumerate(points):
+        if start is None:
+            start = p
+        if i + 1 == len(points) or points[i + 1] != p + 1:
+            out.append(f"{start}" if start == p else f"{start}-{p}")
+            start = None
+    return ", ".join(out)
 
 
 def _aborted_create(group: h5py.Group) -> bool:
