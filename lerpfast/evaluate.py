@@ -571,6 +571,9 @@ def sweep(
                 if fixed:
                     warnings.warn(f"{store}: damaged points marked for recomputation: " + "; ".join(
                         f"{n}: {store_mod._ranges_text(v)}" for n, v in fixed.items()), stacklevel=2)
+        from lerpfast import probe as probe_mod
+
+        meta["probe"] = probe_mod.compute(model, aff, batches, loss_fn, device, precision, _call, logits_of)
         rs = store if isinstance(store, store_mod.ResultStore) else store_mod.ResultStore(store, mode="a")
         handle = rs.open_sweep(name or "sweep", coords=aff.coords, coord_names=aff.coord_names,
                                metric_names=_metric_names(ref is not None, loss_fn), attrs=meta,

@@ -62,7 +62,7 @@ STORE_FORMAT = 1  # bump when the on-disk layout changes
 VOLATILE_ATTRS = frozenset({
     "time", "created", "device", "host", "hostname", "lerpfast_version", "torch_version", "versions",
     "fingerprint", "backend", "dispatch", "module_paths", "elapsed_s", "points_per_pass", "batch_size",
-    "num_workers", "checkpoint_paths",
+    "num_workers", "checkpoint_paths", "probe",
 })
 
 _RESERVED = ("lerpfast_sweep", "lerpfast_store_format", "coord_names", "metric_names", "grid_shape",
@@ -864,6 +864,7 @@ class ResultStore:
                              self.path)
         old = _read_attrs(group)
         if old.get("fingerprint") == attrs["fingerprint"]:
+            self._check_probe(name, old.get("probe"), attrs.get("probe"))
             return
         diffs = []
         old_coords = np.asarray(group["coords"][...])
@@ -885,6 +886,19 @@ class ResultStore:
             f"{self.path}: sweep {name!r} exists with different settings: {'; '.join(diffs)}. "
             f"Use another sweep name (--name) or another file to keep both.",
             self.path, name, fields)
+
+    def _check_probe(self, name: str, stored, now) -> None:
+        """Same settings, but does the model still compute the same thing? (:mod:`lerpfast.probe`)"""
+        if not isinstance(stored, Mapping) or not isinstance(now, Mapping):
+            return  # a sweep stored before probes existed, or a caller without one: nothing to compare
+        from lerpfast import probe
+
+        diffs = probe.compare(stored, now)
+        if diffs:
+            raise SweepMismatchError(
+                f"{self.path}: sweep {name!r} exists with the same settings, but its first point on the first batch "
+                f"now gives other numbers ({'; '.join(diffs)}): {probe.describe(diffs)} may differ from the stored "
+                f"run. Use another sweep name (--name) or another file to keep both.", self.path, name, ["probe"])
 
     # ---------------------------------------------------------------- reading
 

@@ -185,3 +185,50 @@ def test_cli_repair(tmp_path, capsys):
     assert main(["repair", str(p)]) == 0
     assert "88 points marked for recomputation (512-599)" in capsys.readouterr().out
     assert main(["repair", str(p)]) == 0 and "nothing to repair" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ the resume probe
+
+
+class _Net(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(4, 6), nn.Linear(6, 3), act
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _probe_problem():
+    torch.manual_seed(0)
+    a, b = _Net(torch.relu), _Net(torch.relu)
+    g = torch.Generator().manual_seed(1)
+    return a, b, torch.randn(30, 4, generator=g), torch.randint(0, 3, (30,), generator=g)
+
+
+def test_resume_with_another_activation_is_a_mismatch(tmp_path):
+    """Same class, same parameters, same settings: only the forward differs. The stored numbers are not returned."""
+    a, b, x, y = _probe_problem()
+    p = tmp_path / "s.h5"
+    lerpfast.sweep(a, (a, b.state_dict()), "0:1:7", (x, y), store=p, name="l")
+    again = lerpfast.sweep(a, (a, b.state_dict()), "0:1:7", (x, y), store=p, name="l", method="loop")
+    assert again.meta["points_computed"] == 0  # the same model on another method resumes fine
+    tanh = _Net(torch.tanh)
+    tanh.load_state_dict(a.state_dict())
+    with pytest.raises(lerpfast.store.SweepMismatchError, match="model's code or the data"):
+        lerpfast.sweep(tanh, (a, b.state_dict()), "0:1:7", (x, y), store=p, name="l")
+
+
+def test_resume_with_permuted_labels_or_another_loss_is_a_mismatch(tmp_path):
+    a, b, x, y = _probe_problem()
+    p = tmp_path / "s.h5"
+    loader = lambda labels: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, labels), batch_size=10)  # noqa: E731
+    ce = lambda z, t: torch.nn.functional.cross_entropy(z, t, reduction="none")  # noqa: E731
+    lerpfast.sweep(a, (a, b), "0:1:5", loader(y), store=p, name="l", loss_fn=ce)
+    with pytest.raises(lerpfast.store.SweepMismatchError, match="labels"):
+        lerpfast.sweep(a, (a, b), "0:1:5", loader(y[torch.randperm(30, generator=torch.Generator().manual_seed(3))]),
+                       store=p, name="l", loss_fn=ce)
+    ce100 = lambda z, t: 100 * torch.nn.functional.cross_entropy(z, t, reduction="none")  # noqa: E731
+    with pytest.raises(lerpfast.store.SweepMismatchError, match="loss function"):
+        lerpfast.sweep(a, (a, b), "0:1:5", loader(y), store=p, name="l", loss_fn=ce100)
+    assert lerpfast.sweep(a, (a, b), "0:1:5", loader(y), store=p, name="l", loss_fn=ce).meta["points_computed"] == 0
