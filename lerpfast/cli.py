@@ -92,6 +92,8 @@ class SweepOptions:
     fuse: str = _f("auto", "fuse conv/linear -> BN -> add -> ReLU chains into one op: auto | true | false")
     compile: str = _f("false", "engine forward: false | cudagraphs (CUDA) | true (torch.compile) | a backend name")
     threads: int | None = _f(None, "torch intra-op threads (default: torch's choice)")
+    output: str | None = _f(None, "where the logits are in the model's output: a key / attribute name, or an index "
+                                  "of a returned tuple (default: the tensor, .logits, ['logits'], else item 0)")
     # -- output ------------------------------------------------------------------------------------------------
     store: str = _f("results.h5", "HDF5 result file (created if absent; many sweeps per file)")
     name: str | None = _f(None, "sweep name in the file (default: kind and checkpoint names); re-running the "
@@ -347,7 +349,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     res = lerpfast.sweep(model, spec, None, data, bn=opts.bn, precision=opts.precision, fuse=fuse, compile=compile_,
                          batch_size=opts.batch_size, points_per_pass=opts.points_per_pass, device=device,
                          progress=opts.progress and sys.stderr.isatty(), reference=reference, method=opts.method,
-                         store=opts.store, name=name, labels=labels)
+                         store=opts.store, name=name, labels=labels,
+                         output=int(opts.output) if opts.output and opts.output.lstrip("-").isdigit() else opts.output)
     seconds = time.perf_counter() - t0
     if rank != 0:
         return EXIT_OK

@@ -218,8 +218,10 @@ def _reference_points(aff: AffineSlice, reference) -> Points | None:
 
 
 class _Evaluator:
-    def __init__(self, model, aff, *, device, precision, policy, bn_data, loss_fn, channels_last, progress_cb):
+    def __init__(self, model, aff, *, device, precision, policy, bn_data, loss_fn, channels_last, progress_cb,
+                 output=None):
         self.model, self.aff, self.device, self.precision = model, aff, device, precision
+        self.output = output
         self.policy, self.bn_data, self.loss_fn = policy, bn_data, loss_fn
         self.channels_last, self.tick = channels_last, progress_cb
         self.dtype = torch.float64 if precision == "fp64" else torch.float32
@@ -244,6 +246,7 @@ class _EngineEvaluator(_Evaluator):
         # place, so a compiled sweep builds its own
         self.mp, self.token = engine_for(model, aff.to(self.device), fallback=fallback, fuse=eff, device=self.device,
                                          channels_last=self.channels_last, cache=compile is False)
+        self.mp.output = self.output  # the engine is cached per model structure: set per sweep
         self.mp.fusion["mode"] = fuse
         self.mp.fusion.pop("reason", None)
         if eff is not fuse:
@@ -326,7 +329,7 @@ class _LoopEvaluator(_Evaluator):
         if self.policy == "recompute":
             _recalibrate(self.net, self.bn_data, self.batches)
         for x, y in self.batches(data):
-            yield logits_of(_call(self.net, x)), y
+            yield logits_of(_call(self.net, x), self.output), y
 
     def _state(self, pts: Points, k: int) -> dict[str, torch.Tensor]:
         idx, c = pts.anchor_idx[k:k + 1], pts.coefs[k:k + 1]
@@ -376,7 +379,8 @@ class _VmapEvaluator(_Evaluator):
         params = {n: combine(p.anchors, p.dirs, allp.anchor_idx, allp.coefs) for n, p in self.aff.params.items()}
         params.update({n: v.expand(allp.K, *v.shape) for n, v in self.aff.carried.items()})
         metrics = PointMetrics(K, loss_fn=self.loss_fn, reference=ref is not None)
-        fn = vmap(lambda p, x: logits_of(_call_functional(functional_call, self.net, p, x)), in_dims=(0, None))
+        fn = vmap(lambda p, x: logits_of(_call_functional(functional_call, self.net, p, x), self.output),
+                  in_dims=(0, None))
         with torch.inference_mode(), precision_context(self.precision, self.device):
             n = 0
             for x, y in self.batches(data):
@@ -429,6 +433,7 @@ def sweep(
     fuse: bool | str = "auto",
     compile: bool | str = False,  # noqa: A002 - torch's name for it
     repair: bool = False,
+    output: Callable | str | int | None = None,
 ) -> SweepResult:
     """Evaluate ``model`` at every point of a slice of weight space.
 
@@ -437,7 +442,7 @@ def sweep(
     model : the network (an ``nn.Module``; never modified). Its logits are taken from its output by one rule on
         every method (:func:`lerpfast.engine.model.logits_of`): a tensor as is, else ``out.logits``, else
         ``out["logits"]``, else, for a tuple or list, the same rule applied to ``out[0]``. A forward returning
-        ``(features, logits)`` is therefore scored on the features: wrap the model so that it returns the logits.
+        ``(features, logits)`` is therefore scored on the features: pass ``output=`` (below).
     ckpts : a pair ``(theta_a, theta_b)`` for a line, or a slice (``Line``, ``Bilinear``, ``Barycentric``,
         ``Ray``, ``RandomDirections``). Checkpoints may be modules, state dicts or paths (.pt/.pth/.safetensors).
     alphas : the line's coordinates (list, array, tensor or ``"start:stop:num"``); values outside [0, 1]
@@ -460,6 +465,9 @@ def sweep(
     store, name : an HDF5 file (path or ``lerpfast.store.ResultStore``) and sweep name: results are written
         chunk by chunk and a re-run computes only the missing points. Stored values carry checksums: a store whose
         values were damaged raises ``lerpfast.store.DamagedPointsError`` naming the sweeps and points.
+    output : which part of the model's output holds the logits, where the default rule (``model``) picks the wrong
+        one: a callable ``output(out) -> logits``, a key or attribute name (``"logits"``), or an index (``1`` for a
+        ``(features, logits)`` tuple). Recorded in ``meta["output"]`` and in the sweep's fingerprint.
     repair : with ``store`` a path: first mark the store's damaged points as not computed
         (``ResultStore.repair``, with a warning listing them), so this run recomputes exactly those.
     fallback : module names or types to force onto the per-module fallback path.
@@ -551,8 +559,12 @@ def sweep(
         "lerpfast_version": __version__, "torch_version": torch.__version__, "device": str(device),
         "slice_info": aff.info, "fuse": fuse, "compile": compile,
     }
-    fingerprint = _fingerprint({k: meta[k] for k in ("slice", "bn", "precision", "checkpoints", "model",
-                                                     "model_params", "data", "loss_fn", "reference")})
+    parts = {k: meta[k] for k in ("slice", "bn", "precision", "checkpoints", "model", "model_params", "data",
+                                  "loss_fn", "reference")}
+    if output is not None:  # (absent from the default's fingerprint: stores written before output= still resume)
+        meta["output"] = output if isinstance(output, (int, str)) else getattr(output, "__qualname__", repr(output))
+        parts["output"] = meta["output"]
+    fingerprint = _fingerprint(parts)
     meta["fingerprint"] = fingerprint
 
     metrics: dict[str, np.ndarray] = {}
@@ -573,7 +585,8 @@ def sweep(
                         f"{n}: {store_mod._ranges_text(v)}" for n, v in fixed.items()), stacklevel=2)
         from lerpfast import probe as probe_mod
 
-        meta["probe"] = probe_mod.compute(model, aff, batches, loss_fn, device, precision, _call, logits_of)
+        meta["probe"] = probe_mod.compute(model, aff, batches, loss_fn, device, precision, _call,
+                                          lambda o: logits_of(o, output))
         rs = store if isinstance(store, store_mod.ResultStore) else store_mod.ResultStore(store, mode="a")
         handle = rs.open_sweep(name or "sweep", coords=aff.coords, coord_names=aff.coord_names,
                                metric_names=_metric_names(ref is not None, loss_fn), attrs=meta,
@@ -587,7 +600,7 @@ def sweep(
     n_batches = _len_or_none(batches)
     total = None if n_batches is None else n_batches * math.ceil(len(todo) / P)
     bar = _progress_bar(progress, total, f"sweep {spec.kind} K={K}")
-    kw = dict(device=device, precision=precision, policy=policy, bn_data=bn_calib, loss_fn=loss_fn,
+    kw = dict(device=device, precision=precision, policy=policy, bn_data=bn_calib, loss_fn=loss_fn, output=output,
               channels_last=channels_last, progress_cb=(bar.update if bar is not None else (lambda n: None)))
     t0 = clock()
     ev, failed = None, True

@@ -12,6 +12,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (as tests/test_kernels.py does)
 
+import lerpfast  # noqa: E402
+import lerpfast.store  # noqa: E402
 from lerpfast.geometry import parse_coords  # noqa: E402
 from lerpfast.metrics import PointMetrics  # noqa: E402
 
@@ -131,3 +133,44 @@ def test_nan_point_scores_like_the_oracle_under_triton(monkeypatch, method):
     used = dispatch.report()
     assert used.get("point_metrics", {}).get("triton", 0) > 0, used
     _assert_nan_point_scored(res, oracle)
+
+
+class _TwoHeads(torch.nn.Module):
+    """A forward returning (features, logits): the default rule scores item 0, the features."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = torch.nn.Linear(5, 7), torch.nn.Linear(7, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return h, self.head(h)
+
+
+@pytest.mark.parametrize("method", ["engine", "loop", "vmap"])
+def test_output_selects_the_logits(method):
+    torch.manual_seed(0)
+    a, b = _TwoHeads(), _TwoHeads()
+    data = (torch.randn(12, 5), torch.randint(0, 3, (12,)))
+    got = lerpfast.sweep(a, (a, b), "0:1:3", data, method=method, output=1, precision="fp64")
+    pick = lerpfast.sweep(a, (a, b), "0:1:3", data, method=method, output=lambda out: out[1], precision="fp64")
+    want = []
+    for alpha in (0.0, 0.5, 1.0):
+        sd = {k: torch.lerp(a.state_dict()[k].double(), b.state_dict()[k].double(), alpha) for k in a.state_dict()}
+        m = _TwoHeads().double()
+        m.load_state_dict(sd)
+        want.append(float(torch.nn.functional.cross_entropy(m(data[0].double())[1], data[1])))
+    np.testing.assert_allclose(got.loss, want, rtol=1e-10)
+    np.testing.assert_allclose(pick.loss, want, rtol=1e-10)
+    assert got.meta["output"] == 1
+    with pytest.raises(TypeError, match="output=5 selects NoneType .* with 2 items"):
+        lerpfast.sweep(a, (a, b), "0:1:3", data, method=method, output=5)
+
+
+def test_output_is_part_of_a_stored_sweeps_identity(tmp_path):
+    torch.manual_seed(0)
+    a, b = _TwoHeads(), _TwoHeads()
+    data = (torch.randn(12, 5), torch.randint(0, 3, (12,)))
+    lerpfast.sweep(a, (a, b), "0:1:3", data, output=1, store=tmp_path / "s.h5", name="l")
+    with pytest.raises(lerpfast.store.SweepMismatchError, match="output"):
+        lerpfast.sweep(a, (a, b), "0:1:3", data, output=0, store=tmp_path / "s.h5", name="l")

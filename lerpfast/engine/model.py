@@ -46,8 +46,28 @@ def precision_context(precision: str, device: torch.device):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def logits_of(out):
-    """The logits tensor of a model output: a tensor, ``.logits`` (transformers), ``['logits']``, or ``out[0]``."""
+def logits_of(out, output=None):
+    """The logits tensor of a model output.
+
+    ``output=None``: a tensor as is, else ``.logits`` (transformers), else ``["logits"]``, else the same rule on
+    ``out[0]``. ``output`` a callable: ``output(out)``; a string: ``out[output]`` (a mapping) or ``out.<output>``; an
+    int: ``out[output]``. What it selects must be a tensor.
+    """
+    if output is not None:
+        if callable(output):
+            sel, how = output(out), f"output={getattr(output, '__qualname__', output)!r}"
+        elif isinstance(output, str):
+            sel = out[output] if isinstance(out, dict) and output in out else getattr(out, output, None)
+            how = f"output={output!r}"
+        elif isinstance(output, int) and isinstance(out, (tuple, list)) and -len(out) <= output < len(out):
+            sel, how = out[output], f"output={output}"
+        else:
+            sel, how = None, f"output={output!r}"
+        if not torch.is_tensor(sel):
+            raise TypeError(f"{how} selects {type(sel).__name__} from a model output of type {type(out).__name__}"
+                            f"{f' with {len(out)} items' if isinstance(out, (tuple, list)) else ''}; it must select "
+                            "the logits tensor")
+        return sel
     if torch.is_tensor(out):
         return out
     if hasattr(out, "logits"):
@@ -251,7 +271,7 @@ class MultiPointModel(nn.Module):
                     out = self.net(arg(x, 0))
         finally:
             self.ctx.unrepeated = []  # no reference to the batch outlives the pass
-        logits = logits_of(out)
+        logits = logits_of(out, getattr(self, "output", None))
         return logits.reshape(K, batch, *logits.shape[1:])
 
 
