@@ -76,6 +76,16 @@ def find_cuda_home(environ: dict | None = None, nvcc: str | None = None) -> str 
     return None
 
 
+def wheel_cuda_includes(torch_dir: str) -> list[str]:
+    """Header folders of the CUDA libraries pip installed beside a CUDA build of torch (``nvidia/*/include``).
+
+    torch's CUDA headers include cuBLAS / cuSPARSE / cuDNN headers, which a minimal toolkit (nvcc and the runtime
+    only) lacks; the wheels torch depends on carry them, matching torch's CUDA version exactly.
+    """
+    site = os.path.dirname(torch_dir)
+    return sorted(d for d in glob.glob(os.path.join(site, "nvidia", "*", "include")) if os.path.isdir(d))
+
+
 def arch_list(environ: dict | None = None, device_count: int = 0) -> str | None:
     """The ``TORCH_CUDA_ARCH_LIST`` to build with: the user's when set, torch's detection when a GPU is visible,
     else :data:`DEFAULT_ARCHS`."""
@@ -141,6 +151,7 @@ def get_extensions(root: str):
         want_cuda = False
     if want_cuda:
         ext = CUDAExtension("lerpfast._C", cpp + cuda_sources, define_macros=[("LERPFAST_WITH_CUDA", "1")],
+                            include_dirs=wheel_cuda_includes(os.path.dirname(torch.__file__)),
                             extra_compile_args={"cxx": cxx_flags(), "nvcc": nvcc_flags()})
         ext._lerpfast_cpu_fallback = cpu_ext
     else:
@@ -177,8 +188,12 @@ def get_extensions(root: str):
                     _warn(f"building the CUDA kernels failed ({cause}); building lerpfast._C with its CPU ops only. "
                           f"Set CUDA_HOME to the toolkit matching torch's CUDA {torch.version.cuda}, "
                           "TORCH_CUDA_ARCH_LIST to your GPU's arch, or LERPFAST_BUILD_CUDA=0 to skip them.")
+                    # the same Extension object (setuptools keeps its own state on it), CPU sources and flags
+                    for attr in ("sources", "define_macros", "include_dirs", "library_dirs", "libraries",
+                                 "extra_compile_args", "extra_link_args", "runtime_library_dirs", "language"):
+                        setattr(ext, attr, getattr(fallback, attr))
                     try:
-                        return super().build_extension(fallback)
+                        return super().build_extension(ext)
                     except Exception as exc2:  # noqa: BLE001
                         cause = _cause(exc2)
                 if not hasattr(self, "_lerpfast_failed"):

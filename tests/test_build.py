@@ -73,21 +73,26 @@ def test_failed_cuda_build_falls_back_to_cpu_ops(monkeypatch, capsys):
     built = []
 
     def fake(self, ext):
-        if getattr(ext, "_fails", False):
+        if any(src.endswith(".cu") for src in ext.sources):
             raise RuntimeError("nvcc fatal: Unsupported gpu architecture 'compute_120'")
-        built.append(ext.name)
+        if getattr(ext, "_broken", False):
+            raise RuntimeError("g++: internal compiler error")
+        built.append((ext.name, list(ext.sources)))
 
     monkeypatch.setattr(cpp_extension.BuildExtension, "build_extension", fake)
-    cuda_ext, cpu_ext = object.__new__(type(exts[0])), exts[0]
+    cpu_ext = exts[0]
+    cuda_ext = object.__new__(type(cpu_ext))
     cuda_ext.__dict__.update(cpu_ext.__dict__)
-    cuda_ext._fails, cuda_ext._lerpfast_cpu_fallback = True, cpu_ext
+    cuda_ext.sources = cpu_ext.sources + ["csrc/lerpfast_cuda.cu"]
+    cuda_ext._lerpfast_cpu_fallback = cpu_ext
     cmd_obj = build.__new__(build)
     with pytest.warns(UserWarning, match="building the CUDA kernels failed .*compute_120.*TORCH_CUDA_ARCH_LIST"):
         cmd_obj.build_extension(cuda_ext)
-    assert built == ["lerpfast._C"]
-    cpu_ext._fails = True  # and when the CPU ops fail too: no extension, no failure
+    assert built == [("lerpfast._C", cpu_ext.sources)]  # the same Extension object, now with the CPU sources
+    cpu_ext._broken = True  # and when the CPU ops fail too: no extension, no failure
     with pytest.warns(UserWarning, match="building lerpfast._C failed .*torch path"):
         assert cmd_obj.build_extension(cpu_ext) is None
+    assert cmd_obj._lerpfast_failed == {"lerpfast._C"}
 
 
 @pytest.mark.slow
