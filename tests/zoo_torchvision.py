@@ -1,0 +1,67 @@
+"""torchvision's model zoo through lerpfast.sweep against the float64 per-point oracle (issue 18 §1, issue 17).
+
+Runs in the torch 2.14 environment of ``scripts/test_torch214.sh`` only (PyPI's torchvision does not import beside the
+torch 2.13 CPU build of the main environment), so the file is not named ``test_*.py``: the main suite never
+collects it, and that script passes it explicitly and fails when anything in it is skipped.
+
+Random initialisations (weights=None: nothing is downloaded), two seeds per model, small images, points inside and
+outside [0, 1]. The engine in float64 must equal the oracle to 1e-9 and in float32 to 1e-4 (relative, loss), and
+``meta["paths"]`` records which modules ran natively: printed for the README's model table.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lerpfast
+
+tv = pytest.importorskip("torchvision")
+from torchvision import models as M  # noqa: E402
+
+ALPHAS = [-0.5, 0.0, 0.3, 1.0, 1.5]
+
+
+def _vit():
+    return M.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                               num_classes=10)
+
+
+ZOO = {  # name: (builder, image size)
+    "resnet18": (lambda: M.resnet18(num_classes=10), 32),
+    "mobilenet_v3_small": (lambda: M.mobilenet_v3_small(num_classes=10), 32),
+    "efficientnet_b0": (lambda: M.efficientnet_b0(num_classes=10), 32),
+    "convnext_tiny": (lambda: M.convnext_tiny(num_classes=10), 32),
+    "vit (2 layers)": (_vit, 32),
+    "swin_t": (lambda: M.swin_t(num_classes=10), 32),
+    "densenet121": (lambda: M.densenet121(num_classes=10), 32),
+    "inception_v3": (lambda: M.inception_v3(num_classes=10, aux_logits=False, init_weights=True), 80),
+}
+
+
+def _pair(build):
+    torch.manual_seed(0)
+    a = build().eval()
+    torch.manual_seed(1)
+    b = build().eval()
+    return a, b
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_model_against_float64_oracle(name):
+    build, size = ZOO[name]
+    a, b = _pair(build)
+    g = torch.Generator().manual_seed(2)
+    data = (torch.randn(2, 3, size, size, generator=g), torch.randint(0, 10, (2,), generator=g))
+    kw = dict(batch_size=2, reference="first")
+    oracle = lerpfast.sweep(a, (a, b), ALPHAS, data, method="loop", precision="fp64", **kw)
+    eng64 = lerpfast.sweep(a, (a, b), ALPHAS, data, precision="fp64", **kw)
+    eng32 = lerpfast.sweep(a, (a, b), ALPHAS, data, precision="fp32", **kw)
+    for k, v in oracle.metrics.items():
+        np.testing.assert_allclose(eng64.metrics[k], v, rtol=1e-9, atol=1e-12, equal_nan=True, err_msg=f"{name} {k}")
+    np.testing.assert_allclose(eng32.loss, oracle.loss, rtol=1e-4, atol=1e-6, equal_nan=True, err_msg=name)
+    paths = eng32.meta["paths"]
+    fallback = sorted({m for m, p in paths.items() if "fallback" in str(p) or "vmap" in str(p) or "loop" in str(p)}) \
+        if isinstance(paths, dict) else paths
+    print(f"\nZOO {name}: torch {torch.__version__}, torchvision {tv.__version__}; not native: {fallback or 'none'}")
