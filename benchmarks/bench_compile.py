@@ -13,6 +13,12 @@ threads (one per CPU), and writes ``benchmarks/results/compile_<model>_<precisio
 Targets (issue 9): at most 12 compiles and 30 s of compile wall time on 2 CPU cores for LeNet-300-100, ResNet-20,
 VGG-16 and ResNet-50 in each precision. Timings depend on the machine's load: the JSON records the load average
 before and after, and the CPU count.
+
+Kernel quality (issue 15): each compiled variant's registers per thread, spill bytes, shared memory, warps,
+stages, tensor-core instructions (wgmma / mma) and whether the MMA loop waits for all of them each iteration, and
+the CTAs per SM and limiting resource on an H100, read from the cubin and PTX Triton produced
+(:mod:`lerpfast.kernels.quality`); each launch's CTAs and waves on 132 SMs. ``record["quality"]`` sums them up;
+``--table`` prints the markdown table of docs/kernels.md from the JSONs.
 """
 
 from __future__ import annotations
@@ -70,7 +76,7 @@ def run_one(model: str, precision: str, K: int, workers: int | None, arch: int, 
 
     cpus = os.cpu_count() or 1
     pl = warmup.plan(model, precision, K, batch=BATCH.get(model), channels_last=precision != "fp32")
-    res = warmup.compile_plan(pl.launches, device="cpu", arch=arch, workers=workers or cpus)
+    res = warmup.compile_plan(pl.launches, device="cpu", arch=arch, workers=workers or cpus, quality=True)
     record = {
         "model": model, "precision": precision, "compiles": res["compiles"], "seconds": res["seconds"],
         "cpus": cpus, "workers": res["workers"], "errors": res["errors"], "target": res["target"],
@@ -78,7 +84,7 @@ def run_one(model: str, precision: str, K: int, workers: int | None, arch: int, 
         "targets": {"compiles": TARGET_COMPILES, "seconds": TARGET_SECONDS},
         "within_target": res["errors"] == 0 and res["compiles"] <= TARGET_COMPILES and res["seconds"] <= TARGET_SECONDS,
         "loadavg_before": [round(v, 2) for v in load0], "loadavg_after": [round(v, 2) for v in os.getloadavg()],
-        "plan": pl.to_json(), "variants": res["variants"],
+        "plan": pl.to_json(), "variants": res["variants"], "quality": summarize(res["variants"]),
         "environment": {"triton": triton.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
                         "commit": _git(), "cpu_count": cpus},
         "command": f"python benchmarks/bench_compile.py --model {model} --precision {precision} --K {K}",
@@ -89,13 +95,70 @@ def run_one(model: str, precision: str, K: int, workers: int | None, arch: int, 
         json.dump(record, f, indent=1)
         f.write("\n")
     for v in res["variants"]:
-        print(f"  {v['seconds']:6.2f} s  {v['kernel']}" + (f"  FAILED {v['error']}" if v["error"] else ""))
+        q = v.get("quality")
+        info = "" if q is None else (
+            f"  regs {q['regs']:3d} spill {q['spill_store_bytes']:3d} B smem {q['shared'] // 1024:3d} KB "
+            f"{q['mma'] or '-':5s}{' wait0' if q['wait0_in_loop'] else '      '} {q['ctas_per_sm']} CTA/SM "
+            f"({q['limiter']}) min {min(ln['waves'] for ln in v['launches']):.2f} waves")
+        print(f"  {v['seconds']:6.2f} s  {v['kernel']}{info}" + (f"  FAILED {v['error']}" if v["error"] else ""))
+    qs = record["quality"]
+    print(f"quality: max {qs['max_regs']} registers, {qs['spill_bytes']} B spilled in {len(qs['spilling'])} variants, "
+          f"tensor cores {qs['tensor_cores']}, {qs['min_ctas_per_sm']} CTA/SM at least ({qs['limiter']}), smallest "
+          f"launch {qs['min_waves']} waves ({qs['min_waves_ctas']} CTAs)")
     print(f"{model} {precision}: {len(pl.launches)} launches per batch, {res['compiles']} variants compiled for "
           f"{res['target']} with {res['workers']} threads; load average {load0[0]:.2f} -> {os.getloadavg()[0]:.2f}; "
           f"wrote {os.path.relpath(path, ROOT)}")
     shutil.rmtree(cache, ignore_errors=True)
     print(f"compiles={res['compiles']} seconds={res['seconds']}")
     return record
+
+
+def summarize(variants: list[dict]) -> dict:
+    """Kernel quality of a model's compiled variants (rows of ``compile_plan(..., quality=True)``), in one dict:
+    max registers, spill bytes and the spilling variants, tensor cores of the GEMMs ("wgmma", "mma", "no", or
+    "k of n" when only some use them), GEMMs waiting for every MMA in their loop, the fewest CTAs per SM (and the
+    limiting resource) and the smallest launch in waves on 132 SMs."""
+    qs = [(v, v["quality"]) for v in variants if v.get("quality")]
+    gemms = [(v, q) for v, q in qs if "conv2d_fwd" in v["kernel"] or "linear_fwd" in v["kernel"]]
+    kinds = {q["mma"] for _, q in gemms}
+    if not gemms or kinds == {None}:
+        tc = "no"
+    elif None not in kinds and len(kinds) == 1:
+        tc = kinds.pop()
+    else:
+        tc = f"{sum(q['mma'] is not None for _, q in gemms)} of {len(gemms)}"
+    low = min(qs, key=lambda vq: vq[1]["ctas_per_sm"], default=(None, None))
+    launches = [(ln, v) for v, _ in qs for ln in v["launches"]]
+    small = min(launches, key=lambda lv: lv[0]["waves"], default=({"waves": None, "ctas": None}, None))
+    return {"variants": len(qs), "max_regs": max((q["regs"] for _, q in qs), default=0),
+            "spill_bytes": sum(q["spill_store_bytes"] for _, q in qs),
+            "spilling": [v["kernel"] for v, q in qs if q["spill_store_bytes"] or q["spill_load_bytes"]],
+            "tensor_cores": tc, "wait0_in_loop": sum(q["wait0_in_loop"] for _, q in gemms), "gemms": len(gemms),
+            "min_ctas_per_sm": low[1]["ctas_per_sm"] if low[1] else None,
+            "limiter": low[1]["limiter"] if low[1] else None,
+            "min_waves": small[0]["waves"], "min_waves_ctas": small[0]["ctas"],
+            "min_waves_kernel": small[1]["kernel"] if small[1] else None}
+
+
+def table(prefix: str = "compile_") -> str:
+    """Markdown table of the kernel quality in benchmarks/results/<prefix><model>_<precision>.json."""
+    rows = ["| model | precision | variants | max registers | spills | tensor cores (GEMMs waiting wgmma 0 in the "
+            "loop) | fewest CTAs/SM (limiter) | smallest launch |", "|---|---|---|---|---|---|---|---|"]
+    for model in MODELS:
+        for prec in PRECISIONS:
+            path = os.path.join(RESULTS, f"{prefix}{model}_{prec}.json")
+            if not os.path.exists(path):
+                continue
+            with open(path) as f:
+                rec = json.load(f)
+            q = rec.get("quality")
+            if not q:
+                continue
+            tc = q["tensor_cores"] + (f" ({q['wait0_in_loop']} of {q['gemms']})" if q["tensor_cores"] != "no" else "")
+            rows.append(f"| {model} | {prec} | {q['variants']} | {q['max_regs']} | {q['spill_bytes']} B | {tc} | "
+                        f"{q['min_ctas_per_sm']} ({q['limiter']}) | {q['min_waves']} waves ({q['min_waves_ctas']} "
+                        f"CTAs) |")
+    return "\n".join(rows)
 
 
 def run_all(K: int, workers: int | None, arch: int) -> int:
@@ -117,7 +180,10 @@ def run_all(K: int, workers: int | None, arch: int) -> int:
                     rows.append(json.load(f))
     worst_c = max((r["compiles"] for r in rows), default=0)
     worst_s = max((r["seconds"] for r in rows), default=0.0)
-    print(f"max compiles={worst_c} max seconds={worst_s} (targets {TARGET_COMPILES} / {TARGET_SECONDS} s)")
+    print(table())
+    spills = sum(r["quality"]["spill_bytes"] for r in rows)
+    print(f"max compiles={worst_c} max seconds={worst_s} (targets {TARGET_COMPILES} / {TARGET_SECONDS} s); "
+          f"spilled bytes in all plans: {spills}")
     return rc
 
 
@@ -187,7 +253,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/compile_<model>_<prec>.json)")
     p.add_argument("--all", action="store_true", help="all 4 models x 3 precisions, one process each")
     p.add_argument("--tiles", action="store_true", help="compile seconds per candidate tile -> compile_tiles.json")
+    p.add_argument("--table", action="store_true", help="print the kernel-quality table of the result JSONs")
     a = p.parse_args(argv)
+    if a.table:
+        print(table())
+        return 0
     if a.tiles:
         return run_tiles(a.arch)
     if a.all:

@@ -38,7 +38,7 @@ import triton
 
 from lerpfast.kernels._common import INTERPRET, launch_options
 
-__all__ = ["Tile", "Launch", "kernel", "launch", "recording", "warm", "cross_compile", "unique"]
+__all__ = ["Tile", "Launch", "kernel", "launch", "recording", "warm", "cross_compile", "unique", "compile_kernel"]
 
 _NO_SPECIALIZE: dict[str, tuple[str, ...]] = {}  # "module:name" -> integer args never specialized
 _ARG_NAMES: dict[str, tuple[str, ...]] = {}
@@ -272,16 +272,28 @@ def unique(launches: Iterable[Launch]) -> list[Launch]:
     return out
 
 
-def compile_one(ln: Launch) -> float:
-    """Compile (or load from the caches) the variant of ``ln`` for the current (or cross) target; seconds."""
+def compile_kernel(ln: Launch):
+    """Compile (or load from the caches) the variant of ``ln`` for the current (or cross) target.
+
+    Returns ``(compiled, seconds)``: Triton's ``CompiledKernel`` (``.asm`` holds its ptx and cubin, ``.metadata``
+    its shared memory, warps and stages; :func:`lerpfast.kernels.quality.analyze` reads them) and the seconds taken.
+    """
     if INTERPRET:
         raise RuntimeError("compiling needs TRITON_INTERPRET unset (the kernels are interpreted functions)")
     t0 = time.perf_counter()
     fn = _jit(ln.kernel)
     consts = dict(ln.constexprs)
-    fn.warmup(*_warm_args(ln), grid=(1,), num_warps=ln.num_warps, num_stages=ln.num_stages, **consts,
-              **launch_options())
-    return time.perf_counter() - t0
+    compiled = fn.warmup(*_warm_args(ln), grid=(1,), num_warps=ln.num_warps, num_stages=ln.num_stages, **consts,
+                         **launch_options())
+    return compiled, time.perf_counter() - t0
+
+
+def compile_one(ln: Launch) -> float:
+    """Compile (or load from the caches) the variant of ``ln`` for the current (or cross) target; seconds."""
+    return compile_kernel(ln)[1]
+
+
+_ALONE = threading.Lock()
 
 
 def warm(launches: Iterable[Launch], workers: int | None = None, device: torch.device | None = None,
@@ -290,7 +302,8 @@ def warm(launches: Iterable[Launch], workers: int | None = None, device: torch.d
 
     On a GPU (``device``) the kernels land in the JIT's in-memory cache of that device and in Triton's disk
     cache; inside :func:`cross_compile` they are compiled for the cross target. Returns one dict per variant:
-    ``{"launch", "seconds", "error"}``; ``on_done(result)`` is called as each finishes.
+    ``{"launch", "seconds", "error", "compiled"}`` (``compiled``: Triton's ``CompiledKernel``, None on error);
+    ``on_done(result)`` is called as each finishes.
     """
     todo = unique(launches)
     if workers is None:
@@ -298,13 +311,20 @@ def warm(launches: Iterable[Launch], workers: int | None = None, device: torch.d
 
     def one(ln):
         ctx = torch.cuda.device(device) if (device is not None and device.type == "cuda") else contextlib.nullcontext()
-        err, sec = None, float("nan")
+        err, sec, compiled = None, float("nan"), None
         with ctx:
             try:
-                sec = compile_one(ln)
-            except Exception as exc:  # noqa: BLE001 - reported per variant
-                err = f"{type(exc).__name__}: {str(exc)[:300]}"
-        res = {"launch": ln, "seconds": sec, "error": err}
+                compiled, sec = compile_kernel(ln)
+            except Exception:  # noqa: BLE001
+                # Once more, alone: Python 3.11's ast module is not thread-safe ("SystemError: AST constructor
+                # recursion depth mismatch", or a CompilationError pointing at a valid line, when two threads
+                # parse kernels at once); an error that repeats alone is the kernel's and is reported.
+                with _ALONE:
+                    try:
+                        compiled, sec = compile_kernel(ln)
+                    except Exception as exc:  # noqa: BLE001 - reported per variant
+                        err = f"{type(exc).__name__}: {str(exc)[:300]}"
+        res = {"launch": ln, "seconds": sec, "error": err, "compiled": compiled}
         if on_done is not None:
             on_done(res)
         return res

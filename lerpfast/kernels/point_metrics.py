@@ -119,8 +119,9 @@ def point_metrics(logits: torch.Tensor, target: torch.Tensor, ref_logits: torch.
         raise ValueError(f"fused metrics take at most {_MAX_CLASSES} classes, got {C}")
     BLOCK_C = max(16, triton.next_power_of_2(C))
     if block_n is None:
-        # ~8k fp32 logits per tile (x2 with a reference) keeps registers in bounds: 8 rows at C = 1000.
-        block_n = 4 if INTERPRET else max(1, min(64, 8192 // BLOCK_C))
+        # ~4k fp32 logits per tile (x2 with a reference) keeps registers in bounds: 4 rows at C = 1000 (8 rows
+        # spilled 8 B at 255 registers for sm_90; 4 rows: 133, no spill; tests/test_kernel_quality.py).
+        block_n = 4 if INTERPRET else max(1, min(64, 4096 // BLOCK_C))
     nb = triton.cdiv(N, block_n)
     partial = torch.empty((K, nb, 5), dtype=torch.float32, device=logits.device)
     target = target.contiguous()

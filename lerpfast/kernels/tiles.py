@@ -41,36 +41,47 @@ class Choice:
     default: Tile
 
 
-def _o_block(co: int, wide: bool) -> int:
+def _o_block(co: int) -> int:
     """Output-channel block: 16 / 32 / 64 covering ``co`` (a 16-channel layer, ResNet-20's first stage, does not pay
-    for a 64-wide MMA), and 128 for ``co`` > 64 where ``wide`` (tensor-core precisions)."""
+    for a 64-wide MMA), 64 above."""
     for b in (16, 32, 64):
         if co <= b:
             return b
-    return 128 if wide else 64
+    return 64
+
+
+# Register budget (sm_90 compile, read from the cubins by benchmarks/bench_compile.py; tests/test_kernel_quality.py
+# fails on any spill). The kernels keep int64 row indices and a pointer per element of each tile, so the per-thread
+# share of a tile, not the fp32 accumulator, is what fills the 255 registers:
+# * fp32 (FMA dot): 64 x 64 x 16 with 4 warps spilled 12-52 B (255 registers); 32 rows: 96-184 registers, 2-3 CTAs
+#   per SM, no spill.
+# * tf32 / bf16 (wgmma): 128 x 128 with 8 warps spilled 8-120 B (254-255 registers) and 128 x 64 with 4 warps 28-360
+#   B (the ResNet-50 stem: 3 channels padded to 16, shared input); 128 x 64 with 8 warps (two warp groups of m64 x n64)
+#   needs 110-220 registers: 1-2 CTAs of 8 warps per SM, as many resident warps as 2 CTAs of 4 before.
+
+
+def _tc_tile(rows: str, red: str, bo: int, bc: int) -> Tile:
+    return Tile.of(8 if bo == 64 else 4, 3, **{rows: 128, "BLOCK_O": bo, red: bc})
 
 
 def conv2d(NP: int, C: int, CO: int, taps: int, dot: int) -> Choice:  # noqa: N803 - the kernels' names
     """Implicit-GEMM conv: rows = output pixels (NP), columns = CO, reduction = C per filter tap (``taps`` and NP do
     not change the tile: the grid covers them)."""
-    tc = dot != DOT_IEEE
-    bo = _o_block(CO, tc)
-    if not tc:  # fp32 without tensor cores: the dot is unrolled FMAs, 64 x bo x 16 per step
-        tile = Tile.of(4, 2, BLOCK_M=64, BLOCK_O=bo, BLOCK_C=16)
+    bo = _o_block(CO)
+    if dot == DOT_IEEE:  # fp32 without tensor cores: the dot is unrolled FMAs, 32 x bo x 16 per step
+        tile = Tile.of(4, 2, BLOCK_M=32, BLOCK_O=bo, BLOCK_C=16)
     else:  # tf32 / bf16 tensor cores (wgmma on Hopper: 64-row multiples per warp group)
-        bc = 16 if C <= 16 else 32
-        tile = Tile.of(8 if bo == 128 else 4, 3, BLOCK_M=128, BLOCK_O=bo, BLOCK_C=bc)
+        tile = _tc_tile("BLOCK_M", "BLOCK_C", bo, 16 if C <= 16 else 32)
     return Choice("conv2d", f"dot{dot}-o{bo}-c{16 if C <= 16 else 32}", tile)
 
 
 def linear(N: int, IN: int, OUT: int, dot: int) -> Choice:  # noqa: N803
     """Grouped GEMM: rows = N, columns = OUT, reduction = IN."""
-    tc = dot != DOT_IEEE
-    bo = _o_block(OUT, tc)
-    if not tc:
-        tile = Tile.of(4, 2, BLOCK_N=64, BLOCK_O=bo, BLOCK_I=16)
+    bo = _o_block(OUT)
+    if dot == DOT_IEEE:
+        tile = Tile.of(4, 2, BLOCK_N=32, BLOCK_O=bo, BLOCK_I=16)
     else:
-        tile = Tile.of(8 if bo == 128 else 4, 3, BLOCK_N=128, BLOCK_O=bo, BLOCK_I=32)
+        tile = _tc_tile("BLOCK_N", "BLOCK_I", bo, 32)
     return Choice("linear", f"dot{dot}-o{bo}", tile)
 
 

@@ -186,18 +186,23 @@ def plan(model: nn.Module | str, precision: str = "fp32", K: int = 32, *, batch:
 
 
 def compile_plan(launches, *, device: torch.device | str | None = None, arch: int = 90, workers: int | None = None,
-                 progress=None) -> dict:
+                 progress=None, quality: bool = False) -> dict:
     """Compile the distinct variants of ``launches`` in ``workers`` threads.
 
     On a GPU (``device`` "cuda", the default when one is present): for that device, into the JIT's and Triton's
     on-disk caches. Otherwise for ``sm_<arch>`` without a GPU (a check; the cubins land in the disk cache too).
+    ``quality``: also read each variant's registers, spills, tensor-core use and H100 occupancy from its cubin and
+    PTX (:func:`lerpfast.kernels.quality.analyze`), and the CTAs and waves on 132 SMs of each of its launches.
 
     Returns
     -------
-    ``{"compiles", "seconds" (wall), "errors", "target", "workers", "variants": [{"kernel", "seconds", "error"}]}``
+    ``{"compiles", "seconds" (wall), "errors", "target", "workers", "variants": [{"kernel", "seconds", "error"}]}``;
+    with ``quality`` each variant also has ``"quality"`` (None on a compile error) and ``"launches"``:
+    ``[{"ctas", "waves"}]``, one per launch of that variant in plan order.
     """
     from lerpfast.kernels import launch
 
+    launches = list(launches)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -216,6 +221,15 @@ def compile_plan(launches, *, device: torch.device | str | None = None, arch: in
     wall = time.perf_counter() - t0
     rows = [{"kernel": r["launch"].describe(), "seconds": round(r["seconds"], 3), "error": r["error"]}
             for r in results]
+    if quality:
+        from lerpfast.kernels import quality as kq
+
+        for row, r in zip(rows, results):
+            q = kq.analyze(r["compiled"]) if r["compiled"] is not None else None
+            key = r["launch"].key()
+            row["quality"] = q
+            row["launches"] = [kq.waves(ln.grid, q["ctas_per_sm"] if q else 1) for ln in launches
+                               if ln.key() == key]
     errors = [r for r in rows if r["error"]]
     return {"compiles": len(rows) - len(errors), "seconds": round(wall, 2), "errors": len(errors), "target": target,
             "workers": workers, "variants": rows}
