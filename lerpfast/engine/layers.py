@@ -103,10 +103,14 @@ class MultiPointLayer(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             if name in ("weight", "bias", "running_mean", "running_var"):
+                # The reader is the forward of a module above this one: its parent ('' = the whole model for a
+                # top-level module). Naming the module itself would not help: its own forward does not read it.
+                parent = self.name.rsplit(".", 1)[0] if "." in self.name else ""
                 raise AttributeError(
                     f"lerpfast: module {self.name!r} ({self.source_type}) is evaluated at K points at once, so its "
                     f"{name!r} has no single value; code outside the module reads it directly. Pass "
-                    f"fallback=[{self.name.rsplit('.', 1)[0]!r}] to sweep to run the reading module per point."
+                    f"fallback=[{parent!r}] to sweep to run the reading module per point ('' is the whole model; "
+                    f"if the read is in a module further up, name that one)."
                 ) from None
             raise
 
