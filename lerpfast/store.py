@@ -345,6 +345,21 @@ def _os_error(path: Path, e: OSError) -> StoreError:
     return StoreError(f"{path}: cannot create or open the result store ({why})", path)
 
 
+def _is_space_error(e: BaseException) -> bool:
+    """True for an HDF5 / OS error caused by a full disk (HDF5 reports the errno inside its message)."""
+    text = str(e)
+    return (getattr(e, "errno", None) == errno.ENOSPC or "errno = 28" in text or "No space left" in text
+            or "slist already enabled" in text or "len not positive after adjustment for EOA" in text)
+
+
+def _sweep_bytes(k: int, d: int, n_metrics: int, attrs: Mapping[str, Any]) -> int:
+    """A generous estimate of what creating a sweep adds to the file: its chunks (allocated whole), twice, plus
+    the attributes and 64 KiB of HDF5 metadata (object headers, chunk indexes, free-space bookkeeping)."""
+    points = -(-max(k, 1) // CHUNK_POINTS) * CHUNK_POINTS if k > CHUNK_POINTS else max(k, 1)
+    data = points * (8 * d + 1 + 8 * n_metrics)
+    return 2 * data + len(json.dumps(attrs, default=str)) + 65536
+
+
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
         raise ValueError(f"sweep name must be a non-empty string without '/', got {name!r}")
@@ -631,6 +646,11 @@ class ResultStore:
         try:
             self._h5.swmr_mode = True
             self._swmr = True
+        except RuntimeError as e:
+            if not _is_space_error(e):
+                raise
+            self.close()  # starting SWMR writes the superblock: on a full disk, give up before anything else
+            raise _os_error(self.path, OSError(errno.ENOSPC, "No space left on device")) from None
         except (ValueError, OSError):  # a file written with an old format (superblock < v3): no followers
             self._swmr = False
 
@@ -719,14 +739,18 @@ class ResultStore:
 
     def close(self) -> None:
         """Close the file and release the writer lock (idempotent)."""
-        if self._h5 is not None:
-            try:
-                self._h5.close()
-            finally:
-                self._h5 = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor releases its OFD lock
-            self._lock_fd = None
+        try:
+            if self._h5 is not None:
+                h5, self._h5 = self._h5, None
+                try:
+                    h5.close()
+                except RuntimeError as e:  # after a failed write (full disk) HDF5 cannot flush; the lock must go
+                    if not _is_space_error(e):
+                        raise
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # closing the descriptor releases its OFD lock
+                self._lock_fd = None
 
     def __enter__(self) -> ResultStore:
         return self
@@ -827,6 +851,10 @@ class ResultStore:
         return SweepHandle(self, name, created=True)
 
     def _create(self, name, coords, coord_names, metric_names, attrs, grid_shape, replace=False) -> None:
+        # A new sweep is the only write that grows the file (its chunks are allocated whole here; point writes
+        # overwrite them). HDF5 failing half-way through on a full disk leaves a file it can never extend again,
+        # so the space is reserved first, at the file's end where HDF5 allocates (it trims what it leaves unused).
+        self._reserve(name, _sweep_bytes(coords.shape[0], coords.shape[1], len(metric_names), attrs))
         if self._swmr:
             self._reopen_plain()
         h5 = self._h5
@@ -850,13 +878,31 @@ class ResultStore:
             group.attrs["lerpfast_store_format"] = STORE_FORMAT
             group.attrs["lerpfast_sweep"] = 1  # written last: a half-created group is not a sweep
             h5.flush()
-        except BaseException:
+        except BaseException as e:
+            if _is_space_error(e):  # HDF5's state is broken after a failed write: drop the handle, keep the file
+                self.close()
+                raise _os_error(self.path, OSError(errno.ENOSPC, "No space left on device")) from None
             if name in h5:
                 del h5[name]
             h5.flush()
             self._enter_swmr()
             raise
         self._enter_swmr()
+
+    def _reserve(self, name: str, need: int) -> None:
+        """Allocate ``need`` bytes past the end of the file, or raise a StoreError saying the disk is full."""
+        fd = self._lock_fd
+        size = os.fstat(fd).st_size
+        try:
+            os.posix_fallocate(fd, size, need)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                if os.fstat(fd).st_size > size:  # some file systems keep what they managed to allocate
+                    os.ftruncate(fd, size)
+                raise StoreError(f"{self.path}: no space left on the device for sweep {name!r} (needs about "
+                                 f"{-(-need // 1024)} KiB): free some space and run again; the finished sweeps are "
+                                 f"intact and the store stays writable", self.path) from None
+            # EOPNOTSUPP, EINVAL...: a file system without preallocation; HDF5 will find out the usual way
 
     def _check_same(self, group, name, coords, coord_names, metric_names, attrs, grid_shape) -> None:
         if "lerpfast_sweep" not in group.attrs:

@@ -232,3 +232,33 @@ def test_resume_with_permuted_labels_or_another_loss_is_a_mismatch(tmp_path):
     with pytest.raises(lerpfast.store.SweepMismatchError, match="loss function"):
         lerpfast.sweep(a, (a, b), "0:1:5", loader(y), store=p, name="l", loss_fn=ce100)
     assert lerpfast.sweep(a, (a, b), "0:1:5", loader(y), store=p, name="l", loss_fn=ce).meta["points_computed"] == 0
+
+
+_FULL_DISK_CHILD = """
+import resource, signal, sys
+import numpy as np
+from lerpfast.store import ResultStore, StoreError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit is then an EFBIG error, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))
+try:
+    with ResultStore(sys.argv[1]) as s:
+        s.open_sweep("b", coords=np.linspace(0, 1, 600), coord_names=["alpha"], metric_names=["loss"])
+    print("created")
+except StoreError as e:
+    print("StoreError:", e)
+"""
+
+
+def test_full_disk_is_a_store_error_and_the_store_stays_writable(tmp_path):
+    """The file cannot grow (a file-size limit in a child process: the kernel's refusal HDF5 gets on a full disk)."""
+    p = tmp_path / "s.h5"
+    _store(p)
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK_CHILD, str(p), str(os.path.getsize(p) + 2048)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"StoreError: {p}: no space left on the device for sweep 'b'"), proc.stdout
+    assert ResultStore(p, "r").read("a").meta["progress"] == (600, 600)  # the finished sweep is intact
+    with ResultStore(p) as s:  # and with room the same store takes a new sweep
+        h = s.open_sweep("b", coords=np.linspace(0, 1, 600), coord_names=["alpha"], metric_names=["loss"])
+        h.write(np.arange(600), {"loss": np.zeros(600)})
+    assert ResultStore(p, "r").read("b").meta["progress"] == (600, 600)
