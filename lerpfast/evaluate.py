@@ -29,6 +29,7 @@ from lerpfast.engine import buffers
 from lerpfast.engine.functional import ParamSlice, Points, combine
 from lerpfast.engine.fusion import resolve_fuse
 from lerpfast.engine.model import GraphedForward, engine_for, logits_of, precision_context, release_engine
+from lerpfast.engine.oom import is_oom
 from lerpfast.geometry import AffineSlice, Slice, as_slice
 from lerpfast.metrics import PointMetrics
 from lerpfast.result import SweepResult
@@ -585,8 +586,10 @@ def sweep(
                         f"{n}: {store_mod._ranges_text(v)}" for n, v in fixed.items()), stacklevel=2)
         from lerpfast import probe as probe_mod
 
-        meta["probe"] = probe_mod.compute(model, aff, batches, loss_fn, device, precision, _call,
-                                          lambda o: logits_of(o, output))
+        dtype = torch.float64 if precision == "fp64" else torch.float32
+        meta["probe"] = probe_mod.compute(
+            model, aff, batches, loss_fn, device, dtype,
+            lambda net, x: logits_of(_call(net, _to_device(x, device, dtype, False)), output))
         rs = store if isinstance(store, store_mod.ResultStore) else store_mod.ResultStore(store, mode="a")
         handle = rs.open_sweep(name or "sweep", coords=aff.coords, coord_names=aff.coord_names,
                                metric_names=_metric_names(ref is not None, loss_fn), attrs=meta,
@@ -672,7 +675,7 @@ def _run_chunks(ev, aff: AffineSlice, ref, batches, todo: np.ndarray, P: int, ra
             if len(mine):
                 vals = ev.evaluate(aff.points(mine), ref, batches)
         except Exception as exc:
-            if P > 1 and _out_of_memory(exc):
+            if P > 1 and is_oom(exc):
                 oom = True
             elif world == 1:
                 raise
@@ -697,13 +700,6 @@ def _run_chunks(ev, aff: AffineSlice, ref, batches, todo: np.ndarray, P: int, ra
                 handle.write(idx, v)
         done += len(round_)
     return P
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """An allocation failure on the GPU or the CPU (:func:`lerpfast.engine.oom.is_oom`)."""
-    from lerpfast.engine.oom import is_oom
-
-    return is_oom(exc)
 
 
 def _dist_info(distributed: bool | None) -> tuple[int, int]:

@@ -27,8 +27,12 @@ __all__ = ["compute", "compare", "RTOL"]
 RTOL = 1e-4
 
 
-def compute(model, aff, batches, loss_fn, device: torch.device, precision: str, call, logits_of) -> dict | None:
-    """The probe of point 0 of ``aff`` on the first batch of ``batches`` (None when there is no batch)."""
+def compute(model, aff, batches, loss_fn, device: torch.device, dtype: torch.dtype, forward) -> dict | None:
+    """The probe of point 0 of ``aff`` on the first batch of ``batches`` (None when there is no batch).
+
+    ``forward(net, x)`` returns the logits of the network copy ``net`` (in ``dtype`` on ``device``) for the batch
+    input ``x`` as the data gives it: the sweep's own input handling and logits rule.
+    """
     it = iter(batches)
     try:
         x, y = next(it)
@@ -38,27 +42,16 @@ def compute(model, aff, batches, loss_fn, device: torch.device, precision: str, 
         close = getattr(it, "close", None)
         if close is not None:
             close()
-    dtype = torch.float64 if precision == "fp64" else torch.float32
     net = copy.deepcopy(model).to(device=device).eval()
     if dtype == torch.float64:
         net.to(torch.float64)
     net.load_state_dict(aff.state_dict(0))
 
-    def move(v):
-        if torch.is_tensor(v):
-            v = v.to(device)
-            return v.to(dtype) if v.is_floating_point() else v
-        if isinstance(v, dict):
-            return {k: move(t) for k, t in v.items()}
-        if isinstance(v, (tuple, list)):
-            return type(v)(move(t) for t in v)
-        return v
-
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         with torch.inference_mode():
-            z = logits_of(call(net, move(x)))
+            z = forward(net, x)
             y = y.to(device)
             if loss_fn is not None:
                 loss = loss_fn(z, y)

@@ -509,6 +509,7 @@ class ResultStore:
         self._h5: h5py.File | None = None
         self._lock_fd: int | None = None
         self._swmr = False
+        self._verified = False  # a reader reads the whole file once (its first open), not on every call
         if mode == "r":
             if not self.path.exists():
                 raise FileNotFoundError(f"{self.path}: no such result store")
@@ -689,20 +690,22 @@ class ResultStore:
                 if attempt == 2:
                     raise _corrupt(path, what=f"truncated: {size} of {eof} bytes")
                 time.sleep(0.1)
-            # First a plain (non-SWMR) open: it fails at once on damaged metadata, where SWMR retries for minutes.
-            # It is refused while a writer holds the file in SWMR mode; the file is then being written, and a
-            # SWMR reader follows it.
-            try:
-                plain = h5py.File(path, "r", locking=False)
-            except OSError as e:
-                if not _is_open_for_write_error(e):
-                    raise _corrupt(path, e) from None
-                plain = None
-            if plain is not None:
+            # First (once per reader) a plain, non-SWMR open: it fails at once on damaged metadata, where SWMR
+            # retries for minutes. It is refused while a writer holds the file in SWMR mode; the file is then
+            # being written, and a SWMR reader follows it.
+            if not self.store._verified:
                 try:
-                    _verify(plain, path)
-                finally:
-                    plain.close()
+                    plain = h5py.File(path, "r", locking=False)
+                except OSError as e:
+                    if not _is_open_for_write_error(e):
+                        raise _corrupt(path, e) from None
+                    plain = None
+                if plain is not None:
+                    try:
+                        _verify(plain, path)
+                    finally:
+                        plain.close()
+                    self.store._verified = True
             try:
                 self.h5 = h5py.File(path, "r", libver="latest", swmr=True, locking=False)
             except OSError:
@@ -1044,9 +1047,6 @@ def _rewrite_chunk(ds: h5py.Dataset, lo: int, fill) -> None:
     A partial chunk write would make HDF5 read the old chunk first; a direct chunk write does not. The new chunk's
     bytes, checksum included, are made by HDF5 itself in an in-memory file with the same chunking and filters.
     """
-    if not ds.chunks:  # contiguous (old files): no checksums, nothing can be detected or rewritten per chunk
-        ds[lo:] = fill
-        return
     with h5py.File(f"lerpfast-chunk-{id(ds)}", "w", driver="core", backing_store=False) as mem:
         tmp = mem.create_dataset("c", shape=ds.chunks, dtype=ds.dtype, chunks=ds.chunks, fletcher32=ds.fletcher32)
         tmp[...] = np.full(ds.chunks, fill, dtype=ds.dtype)

@@ -85,13 +85,20 @@ def test_partial_last_batch_shares_the_pool(graphed):
     assert g.stats["captures"] == 3 and state["pools"][2] is g.pool
 
 
-def test_oom_during_capture_propagates_and_keeps_graphs_on(graphed):
+def _captures_will_fail(graphed, error: Exception):
+    """Kernels settled, the shape seen once (eager); every capture from now on raises ``error``."""
     g, net, state = graphed
     state["compiling"] = False
     x = torch.randn(5, 4)
     with torch.no_grad():
         g(x, 5)
-        state["fail"] = RuntimeError("CUDA error: out of memory")
+    state["fail"] = error
+    return g, net, state, x
+
+
+def test_oom_during_capture_propagates_and_keeps_graphs_on(graphed):
+    g, net, state, x = _captures_will_fail(graphed, RuntimeError("CUDA error: out of memory"))
+    with torch.no_grad():
         with pytest.raises(RuntimeError, match="out of memory"):
             g(x, 5)
         assert not g.failed
@@ -101,12 +108,8 @@ def test_oom_during_capture_propagates_and_keeps_graphs_on(graphed):
 
 
 def test_other_capture_failure_runs_eagerly(graphed):
-    g, net, state = graphed
-    state["compiling"] = False
-    x = torch.randn(5, 4)
+    g, net, state, x = _captures_will_fail(graphed, RuntimeError("operation not permitted when stream is capturing"))
     with torch.no_grad():
-        g(x, 5)
-        state["fail"] = RuntimeError("operation not permitted when stream is capturing")
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
             torch.testing.assert_close(g(x, 5), net.lin(x))

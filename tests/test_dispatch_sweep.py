@@ -52,7 +52,8 @@ def test_a_compile_that_never_finishes_never_blocks_the_sweep(monkeypatch, fake_
         np.testing.assert_array_equal(got.metrics[k], v, err_msg=k)
 
 
-def test_a_kernel_that_raises_at_launch_warns_once_and_keeps_torchs_result(monkeypatch, fake_cuda):
+def _kernels_compiled_but_failing(monkeypatch, message: str) -> None:
+    """Triton's kernels "compiled" at once; launching the fused Linear or metrics kernel raises ``message``."""
     done = cf.Future()
     done.set_result(None)
     monkeypatch.setattr(dispatch, "_prepare", lambda name, fn, device: [done] if name == "triton" else [])
@@ -60,10 +61,14 @@ def test_a_kernel_that_raises_at_launch_warns_once_and_keeps_torchs_result(monke
     import lerpfast.kernels.point_metrics as kpm
 
     def launch_fails(*args, **kwargs):
-        raise RuntimeError("Triton Error [CUDA]: invalid argument")
+        raise RuntimeError(message)
 
     monkeypatch.setattr(kl, "lerp_linear", launch_fails)
     monkeypatch.setattr(kpm, "point_metrics", launch_fails)
+
+
+def test_a_kernel_that_raises_at_launch_warns_once_and_keeps_torchs_result(monkeypatch, fake_cuda):
+    _kernels_compiled_but_failing(monkeypatch, "Triton Error [CUDA]: invalid argument")
     a, b, data = _problem()
     dispatch.reset()
     want = _sweep(a, b, data)  # measured once per shape: the candidate fails, torch is kept
@@ -78,12 +83,7 @@ def test_a_kernel_that_raises_at_launch_warns_once_and_keeps_torchs_result(monke
 
 
 def test_the_failing_launch_is_reported_once_per_op(monkeypatch, fake_cuda):
-    done = cf.Future()
-    done.set_result(None)
-    monkeypatch.setattr(dispatch, "_prepare", lambda name, fn, device: [done] if name == "triton" else [])
-    import lerpfast.kernels.lerp_linear as kl
-
-    monkeypatch.setattr(kl, "lerp_linear", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("launch failed")))
+    _kernels_compiled_but_failing(monkeypatch, "launch failed")
     a, b, data = _problem()
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
