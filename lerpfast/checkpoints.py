@@ -517,14 +517,20 @@ def load_checkpoints(
     CheckpointError
         The first checkpoint that cannot be read or does not fit the model.
     """
+    labels = default_labels(sources, labels)
+    return [match_to_model(load_state(s, label=lab, copy=copy), model, label=lab) for s, lab in zip(sources, labels)]
+
+
+def default_labels(sources: Sequence[Any], labels: Sequence[str] | None = None) -> list[str]:
+    """``labels`` checked against ``sources`` (one per source), or the default names of :func:`load_checkpoints`."""
     if _is_path(sources) or isinstance(sources, (Mapping, nn.Module)) or not isinstance(sources, Sequence):
         raise TypeError(f"sources must be a sequence of checkpoints (e.g. a list), got {type(sources).__name__}")
     if labels is None:
-        labels = [os.fspath(s) if _is_path(s) else f"model[{i}]" if isinstance(s, nn.Module) else f"checkpoint[{i}]"
-                  for i, s in enumerate(sources)]
-    elif isinstance(labels, str) or len(labels) != len(sources):
+        return [os.fspath(s) if _is_path(s) else f"model[{i}]" if isinstance(s, nn.Module) else f"checkpoint[{i}]"
+                for i, s in enumerate(sources)]
+    if isinstance(labels, str) or len(labels) != len(sources):
         raise ValueError(f"labels must be a sequence with one label per source ({len(sources)}), got {labels!r}")
-    return [match_to_model(load_state(s, label=lab, copy=copy), model, label=lab) for s, lab in zip(sources, labels)]
+    return list(labels)
 
 
 def describe(source: Any) -> dict[str, Any]:

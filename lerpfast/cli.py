@@ -66,6 +66,8 @@ class SweepOptions:
     replicate: int = _f(0, "replicate of --run whose checkpoints are used")
     model: str | None = _f(None, "model name, e.g. lenet_300_100, resnet20, mlp (not needed with --run)")
     model_options: str = _f("", "model keyword options, e.g. 'widths=(100,)' or 'width=2,bn=False'")
+    mask_from: str | None = _f(None, "pruned checkpoints (weight_orig + weight_mask) whose masks differ: the "
+                                     "index of the checkpoint whose masks to use, or 'model'")
     # -- data --------------------------------------------------------------------------------------------------
     data: str | None = _f(None, "data set name (see `lerpfast data list`); default: the run's data set")
     split: str = _f("test", "split evaluated: test or train")
@@ -314,6 +316,14 @@ def _distance(a, b) -> float:
     return sq**0.5
 
 
+def _mask_from(value: str | None) -> int | str | None:
+    if value is None or value == "model":
+        return value
+    if not value.lstrip("-").isdigit():
+        raise CLIError(f"--mask-from {value!r}: expected a checkpoint index (0, 1, ...) or 'model'")
+    return int(value)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     opts: SweepOptions = options_from_args(args, SweepOptions)
     need, _ = SLICE_KINDS[args.kind]
@@ -330,6 +340,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_positive(opts.threads, "--threads")
     check_positive(opts.points_per_pass, "--points-per-pass")
     check_device(opts.device)
+    mask_from = _mask_from(opts.mask_from)
     rank, world = init_from_env()  # under torchrun: points sharded over the ranks, rank 0 writes the store
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -349,7 +360,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     res = lerpfast.sweep(model, spec, None, data, bn=opts.bn, precision=opts.precision, fuse=fuse, compile=compile_,
                          batch_size=opts.batch_size, points_per_pass=opts.points_per_pass, device=device,
                          progress=opts.progress and sys.stderr.isatty(), reference=reference, method=opts.method,
-                         store=opts.store, name=name, labels=labels,
+                         store=opts.store, name=name, labels=labels, mask_from=mask_from,
                          output=int(opts.output) if opts.output and opts.output.lstrip("-").isdigit() else opts.output)
     seconds = time.perf_counter() - t0
     if rank != 0:

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from lerpfast._version import __version__
-from lerpfast.checkpoints import TensorDigestCache, describe, load_checkpoints
+from lerpfast.checkpoints import TensorDigestCache, describe
 from lerpfast.engine import buffers
 from lerpfast.engine.functional import ParamSlice, Points, combine
 from lerpfast.engine.fusion import resolve_fuse
@@ -32,6 +32,7 @@ from lerpfast.engine.model import GraphedForward, engine_for, logits_of, precisi
 from lerpfast.engine.oom import is_oom
 from lerpfast.geometry import AffineSlice, Slice, as_slice
 from lerpfast.metrics import PointMetrics
+from lerpfast.pruning import load_pruned
 from lerpfast.result import SweepResult
 
 __all__ = ["sweep", "clear_caches", "BN_POLICIES", "METHODS"]
@@ -435,6 +436,7 @@ def sweep(
     compile: bool | str = False,  # noqa: A002 - torch's name for it
     repair: bool = False,
     output: Callable | str | int | None = None,
+    mask_from: int | str | None = None,
 ) -> SweepResult:
     """Evaluate ``model`` at every point of a slice of weight space.
 
@@ -469,6 +471,12 @@ def sweep(
     output : which part of the model's output holds the logits, where the default rule (``model``) picks the wrong
         one: a callable ``output(out) -> logits``, a key or attribute name (``"logits"``), or an index (``1`` for a
         ``(features, logits)`` tuple). Recorded in ``meta["output"]`` and in the sweep's fingerprint.
+    mask_from : for pruned models or checkpoints (``torch.nn.utils.prune``: ``weight_orig`` + ``weight_mask``),
+        whose masks to use where the checkpoints' masks differ: a checkpoint's index, or ``"model"``. A mask is
+        never interpolated: every point's weight is ``mask * (interpolated weight_orig)``, as the pruned module
+        computes it; dense checkpoints get the mask too. Default: the checkpoints' masks (an error naming the module
+        when they differ), the model's own where no checkpoint has one (:mod:`lerpfast.pruning`).
+        ``meta["pruning"]`` lists each pruned tensor's mask source and sparsity.
     repair : with ``store`` a path: first mark the store's damaged points as not computed
         (``ResultStore.repair``, with a warning listing them), so this run recomputes exactly those.
     fallback : module names or types to force onto the per-module fallback path.
@@ -522,10 +530,12 @@ def sweep(
     spec: Slice = as_slice(ckpts, alphas)
     combine_dtype = torch.float64 if precision == "fp64" else torch.float32
     # copy=False: the slice copies what it keeps (torch.stack in geometry._build), the states are only read
-    states = load_checkpoints(spec.sources, model, labels, copy=False)
+    # a pruned model or pruned checkpoints: the model without its pruning hooks, the masks folded into the states
+    model, states, pruning = load_pruned(spec.sources, model, labels, copy=False, mask_from=mask_from)
     timings["checkpoints"] = clock() - t_start
     t = clock()
     aff = spec.resolve(states, model, combine_dtype)
+    pruning.apply(aff)
     _apply_bn_policy(aff, states, model, policy, bn_source)
     if policy == "interpolate":
         _warn_negative_variance(aff, model)
@@ -562,6 +572,9 @@ def sweep(
     }
     parts = {k: meta[k] for k in ("slice", "bn", "precision", "checkpoints", "model", "model_params", "data",
                                   "loss_fn", "reference")}
+    if pruning:  # (absent without pruning: stores written before pruning support still resume)
+        meta["pruning"] = pruning.describe()
+        parts["pruning"] = meta["pruning"]
     if output is not None:  # (absent from the default's fingerprint: stores written before output= still resume)
         meta["output"] = output if isinstance(output, (int, str)) else getattr(output, "__qualname__", repr(output))
         parts["output"] = meta["output"]

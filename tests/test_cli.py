@@ -179,3 +179,25 @@ def test_train_bad_option_values_are_one_line_errors(tmp_path, capsys, flag, val
     assert err.startswith("lerpfast: error: ") and err.count("\n") == 1
     for w in words:
         assert w in err, (w, err)
+
+
+@pytest.mark.parametrize("flag,value,words", [
+    ("--device", "tpu", ["--device", "'tpu'"]),
+    ("--device", "cuda", ["--device", "'cuda'", "no CUDA"]),
+    ("--threads", "-1", ["--threads", "-1"]),
+    ("--dataset", "nosuch", ["--dataset", "'nosuch'", "digits"]),
+    ("--model", "nosuch", ["--model", "'nosuch'", "lenet_300_100"]),
+])
+def test_reproduce_bad_option_values_are_one_line_errors(tmp_path, capsys, monkeypatch, flag, value, words):
+    """Checked before anything is trained or written (the out folder stays absent)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "repro"
+    rc = main(["reproduce", "goodfellow", "--quick", "--out", str(out), flag, value])
+    err = capsys.readouterr().err
+    assert rc == EXIT_USAGE, err
+    assert err.startswith("lerpfast: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    for w in words:
+        assert w in err, (w, err)
+    assert not out.exists()

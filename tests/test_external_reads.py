@@ -47,3 +47,16 @@ def test_external_read_advice_works_when_followed(make):
     res = sweep(a, (a, b.state_dict()), alphas, data, fallback=eval(advised), **kw)  # noqa: S307 - a list literal
     ref = sweep(a, (a, b.state_dict()), alphas, data, method="loop", **kw)
     np.testing.assert_allclose(res.loss, ref.loss, rtol=1e-10, atol=0)
+
+
+def test_advice_when_the_owner_itself_was_named():
+    """A user who passed the owner (fallback=['enc']) gets advice naming its reader, and that advice works."""
+    torch.manual_seed(0)
+    a, b = TiedAE(), TiedAE()
+    data = (torch.randn(6, 8, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    kw = dict(precision="fp64", batch_size=3, progress=False)
+    with pytest.raises(AttributeError, match=r"module 'enc' .*fallback=\[''\]"):
+        sweep(a, (a, b), [0.0, 0.5, 1.5], data, fallback=["enc"], **kw)
+    res = sweep(a, (a, b), [0.0, 0.5, 1.5], data, fallback=[""], **kw)
+    ref = sweep(a, (a, b), [0.0, 0.5, 1.5], data, method="loop", **kw)
+    np.testing.assert_allclose(res.loss, ref.loss, rtol=1e-10, atol=0)

@@ -1,4 +1,4 @@
-"""torchvision's model zoo through lerpfast.sweep against the float64 per-point oracle (issue 18 §1, issue 17).
+"""torchvision and timm model zoos through lerpfast.sweep against the float64 oracle (issue 18 §1, issue 17).
 
 Runs in the torch 2.14 environment of ``scripts/test_torch214.sh`` only (PyPI's torchvision does not import beside the
 torch 2.13 CPU build of the main environment), so the file is not named ``test_*.py``: the main suite never
@@ -18,6 +18,7 @@ import torch
 import lerpfast
 
 tv = pytest.importorskip("torchvision")
+timm = pytest.importorskip("timm")
 from torchvision import models as M  # noqa: E402
 
 ALPHAS = [-0.5, 0.0, 0.3, 1.0, 1.5]
@@ -37,6 +38,12 @@ ZOO = {  # name: (builder, image size)
     "swin_t": (lambda: M.swin_t(num_classes=10), 32),
     "densenet121": (lambda: M.densenet121(num_classes=10), 32),
     "inception_v3": (lambda: M.inception_v3(num_classes=10, aux_logits=False, init_weights=True), 80),
+    # timm: the ImageNet models of current work, built small (random init: pretrained=False downloads nothing)
+    "timm vit_tiny": (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10), 32),
+    "timm deit_tiny": (lambda: timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=10), 32),
+    "timm convnext_atto": (lambda: timm.create_model("convnext_atto", num_classes=10), 32),
+    "timm efficientnet_b0": (lambda: timm.create_model("efficientnet_b0", num_classes=10), 32),
+    "timm resnet18": (lambda: timm.create_model("resnet18", num_classes=10), 32),
 }
 
 
@@ -64,4 +71,5 @@ def test_zoo_model_against_float64_oracle(name):
     paths = eng32.meta["paths"]
     fallback = sorted({m for m, p in paths.items() if "fallback" in str(p) or "vmap" in str(p) or "loop" in str(p)}) \
         if isinstance(paths, dict) else paths
-    print(f"\nZOO {name}: torch {torch.__version__}, torchvision {tv.__version__}; not native: {fallback or 'none'}")
+    print(f"\nZOO {name}: torch {torch.__version__}, torchvision {tv.__version__}, timm {timm.__version__}; "
+          f"not native: {fallback or 'none'}")

@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lerpfast.engine.layers import MultiPointLayer
+from lerpfast.engine.layers import MultiPointLayer, external_read_error
 
 __all__ = ["FallbackModule", "register_batch_axes"]
 
@@ -93,10 +93,7 @@ class FallbackModule(MultiPointLayer):
         inner = nn.Module.__getattr__(self, "inner")
         value = getattr(inner, name)
         if torch.is_tensor(value) and name in self.slices:
-            raise AttributeError(
-                f"lerpfast: {name!r} of module {self.name!r} ({self.source_type}) is evaluated at K points at once and "
-                f"has no single value; the code reading it must run per point: pass fallback=[...] with the module "
-                f"that reads it") from None
+            raise external_read_error(self.name, self.source_type, name) from None
         return value  # configuration (batch_first, num_heads, ...) reads through to the wrapped module
 
     def _in_axis(self, i: int, t: torch.Tensor, n: int) -> int | None:

@@ -57,6 +57,19 @@ class PointContext:
         self.max_materialized = max(self.max_materialized, nbytes)
 
 
+def external_read_error(module: str, source_type: str, attr: str) -> AttributeError:
+    """The error for code outside ``module`` reading its tensor ``attr``, which has K values during a pass.
+
+    The reader is the forward of a module above this one: the advice names its parent ('' = the whole model for a
+    top-level module). Naming the module itself would not help: its own forward does not read the tensor.
+    """
+    parent = module.rsplit(".", 1)[0] if "." in module else ""
+    return AttributeError(
+        f"lerpfast: module {module!r} ({source_type}) is evaluated at K points at once, so its {attr!r} has no "
+        f"single value; code outside the module reads it directly. Pass fallback=[{parent!r}] to sweep to run the "
+        f"reading module per point ('' is the whole model; if the read is in a module further up, name that one).")
+
+
 class MultiPointLayer(nn.Module):
     """Base: holds ``ParamSlice`` per tensor name (plain attributes, not buffers: ``.to()`` must not touch them)."""
 
@@ -103,15 +116,7 @@ class MultiPointLayer(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             if name in ("weight", "bias", "running_mean", "running_var"):
-                # The reader is the forward of a module above this one: its parent ('' = the whole model for a
-                # top-level module). Naming the module itself would not help: its own forward does not read it.
-                parent = self.name.rsplit(".", 1)[0] if "." in self.name else ""
-                raise AttributeError(
-                    f"lerpfast: module {self.name!r} ({self.source_type}) is evaluated at K points at once, so its "
-                    f"{name!r} has no single value; code outside the module reads it directly. Pass "
-                    f"fallback=[{parent!r}] to sweep to run the reading module per point ('' is the whole model; "
-                    f"if the read is in a module further up, name that one)."
-                ) from None
+                raise external_read_error(self.name, self.source_type, name) from None
             raise
 
     def extra_repr(self) -> str:

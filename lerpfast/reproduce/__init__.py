@@ -145,8 +145,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Handler of ``lerpfast reproduce``."""
+    import lerpfast.data as ld
+    from lerpfast.cli import CLIError, check_device, check_positive
     from lerpfast.distributed import init_from_env
+    from lerpfast.train import models
 
+    check_device(args.device)
+    check_positive(args.threads, "--threads")
+    if args.dataset is not None and args.dataset not in ld.REGISTRY:
+        raise CLIError(f"--dataset {args.dataset!r}: unknown data set (known: {', '.join(ld.REGISTRY)}; see "
+                       f"`lerpfast data list`)")
+    if args.model is not None and args.model not in models.available():
+        raise CLIError(f"--model {args.model!r}: unknown model (known: {', '.join(models.available())})")
     init_from_env()
     papers = list(PAPERS) if args.paper == "all" else [args.paper]
     command = "lerpfast " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
