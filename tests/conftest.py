@@ -18,6 +18,15 @@ def clean_dispatch(monkeypatch):
     dispatch.reset()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_fallback_choices():
+    """Each test starts with the fallback's vmap-or-loop choice untimed (its first call of a shape runs vmap)."""
+    from lerpfast.engine.fallback import clear_choices
+
+    clear_choices()
+    yield
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

