@@ -251,17 +251,18 @@ def test_cached_engine_serves_other_slices_and_K_and_holds_nothing_after():
         assert all(not m.slices for m in entry.engine.layers())
 
 
-@pytest.mark.parametrize("case", ["lstm", "transformer", "mlp"])
-def test_cached_fallback_engines_hold_no_weights_and_stay_exact(case):
+@pytest.mark.parametrize("case,force,path", [("lstm", (), "fallback"), ("transformer", (), "fallback"),
+                                             ("mlp", ["scale"], "fallback"), ("mlp", (), "own tensors per point")])
+def test_cached_fallback_engines_hold_no_weights_and_stay_exact(case, force, path):
     import test_sweep as sw
 
     model, theta_b, data = sw._make(case)
     for attempt in range(2):
-        res = sweep(model, (model, theta_b), [0.0, 0.4, 1.3], data, precision="fp64")
+        res = sweep(model, (model, theta_b), [0.0, 0.4, 1.3], data, precision="fp64", fallback=force)
         assert res.meta["engine_cache"] == ("built", "reused")[attempt]
         ref = sweep(model, (model, theta_b), [0.0, 0.4, 1.3], data, precision="fp64", method="loop")
         sw.assert_match(res, ref, 1e-10)
-    assert any(p.startswith("fallback") for p in res.meta["paths"].values())
+    assert any(path in p for p in res.meta["paths"].values())
     for entry in em._ENGINES.values():  # the fallback modules' copies of the weights were dropped
         held = [t for t in (*entry.engine.parameters(), *entry.engine.buffers())
                 if t.is_floating_point() and t.device.type != "meta"]

@@ -24,7 +24,7 @@ from lerpfast.train import models as zoo
 
 
 class Scale(nn.Module):
-    """A user's custom layer owning a parameter: runs on the per-module fallback."""
+    """A user's custom layer owning a parameter: its parameter per point (issue 17), or the fallback if forced."""
 
     def __init__(self, n):
         super().__init__()
@@ -356,7 +356,8 @@ def test_paths_are_reported():
     assert r.meta["paths"]["enc.layers.1.linear2"] == "native:Linear"
     model, theta_b, data = _make("mlp")
     r = sweep(model, (model, theta_b), [0.5], data, fallback=["fc2"])
-    assert r.meta["paths"]["scale"] == "fallback:Scale (loop)" and r.meta["paths"]["fc2"] == "fallback:Linear (loop)"
+    assert r.meta["paths"]["scale"] == "native:Scale (own tensors per point: gain)"  # issue 17: not the fallback
+    assert r.meta["paths"]["fc2"] == "fallback:Linear (loop)"
 
 
 def test_data_forms_and_chunking_agree():
@@ -520,7 +521,7 @@ def test_fallback_keeps_the_faster_of_vmap_and_loop(monkeypatch):
     monkeypatch.setattr(fallback.FallbackModule, "_record", staticmethod(fake))
     alphas = [-0.5, 0.3, 1.2]
     ref = sweep(model, (model, theta_b), alphas, (x, y), batch_size=4, precision="fp64", method="loop")
-    res = sweep(model, (model, theta_b), alphas, (x, y), batch_size=4, precision="fp64")
+    res = sweep(model, (model, theta_b), alphas, (x, y), batch_size=4, precision="fp64", fallback=["scale"])
     np.testing.assert_allclose(res.loss, ref.loss, rtol=1e-12)
     assert seen == ["loop", "vmap", "loop", "vmap"]
     assert res.meta["paths"]["scale"] == "fallback:Scale (loop)"
@@ -530,13 +531,13 @@ def test_fallback_keeps_the_faster_of_vmap_and_loop(monkeypatch):
     seen.clear()
     monkeypatch.setattr(fallback.FallbackModule, "_record", staticmethod(
         lambda key, mode, s: (seen.append(mode), record(key, mode, 1.0 if mode == "vmap" else 2.0))))
-    res = sweep(model, (model, theta_b), alphas, (x, y), batch_size=4, precision="fp64")
+    res = sweep(model, (model, theta_b), alphas, (x, y), batch_size=4, precision="fp64", fallback=["scale"])
     np.testing.assert_allclose(res.loss, ref.loss, rtol=1e-12)
     assert seen == ["loop", "vmap"] and res.meta["paths"]["scale"] == "fallback:Scale (vmap)"
     # a forced mode skips the timing
     fallback.clear_choices()
     seen.clear()
     monkeypatch.setenv("LERPFAST_FALLBACK", "vmap")
-    res = sweep(model, (model, theta_b), alphas, (x, y), batch_size=4, precision="fp64")
+    res = sweep(model, (model, theta_b), alphas, (x, y), batch_size=4, precision="fp64", fallback=["scale"])
     assert seen == [] and res.meta["paths"]["scale"] == "fallback:Scale (vmap)"
     np.testing.assert_allclose(res.loss, ref.loss, rtol=1e-12)

@@ -28,7 +28,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lerpfast.engine.layers import MultiPointLayer, external_read_error
+from lerpfast.engine.layers import MultiPointLayer, check_calibration, external_read_error
 
 __all__ = ["FallbackModule", "register_batch_axes", "choices", "clear_choices"]
 
@@ -184,6 +184,7 @@ class FallbackModule(MultiPointLayer):
             del _SAMPLES[key]
 
     def forward(self, *args, **kwargs):
+        check_calibration(self)
         K, B = self.ctx.K, self.ctx.batch
         n = K * B
         # (K, *S) each: this module's tensors only, built once per chunk of points and kept for its batches (in

@@ -165,7 +165,8 @@ def _chains(gm: fx.GraphModule) -> list[tuple]:
         last, bn_node, add_node, kind, other, relu_node = node, None, None, None, None, None
         nxt = _single_user(last)
         m = module(nxt) if nxt is not None else None
-        if (isinstance(m, MPBatchNorm) and nxt.args == (last,) and not nxt.kwargs
+        # exactly MPBatchNorm: a subclass (MPBatchNormAct) applies more than the affine map
+        if (type(m) is MPBatchNorm and nxt.args == (last,) and not nxt.kwargs
                 and m.num_features == layer.out_channels):
             bn_node = last = nxt
             nxt = _single_user(last)

@@ -16,7 +16,7 @@ from lerpfast.engine import dispatch
 from lerpfast.engine.functional import ParamSlice, Points, combine
 from lerpfast.kernels._ref import bn_fold
 
-__all__ = ["PointContext", "MultiPointLayer", "NATIVE_LAYERS"]
+__all__ = ["PointContext", "MultiPointLayer", "NATIVE_LAYERS", "NATIVE_BY_NAME"]
 
 
 @dataclass
@@ -68,6 +68,18 @@ def external_read_error(module: str, source_type: str, attr: str) -> AttributeEr
         f"lerpfast: module {module!r} ({source_type}) is evaluated at K points at once, so its {attr!r} has no "
         f"single value; code outside the module reads it directly. Pass fallback=[{parent!r}] to sweep to run the "
         f"reading module per point ('' is the whole model; if the read is in a module further up, name that one).")
+
+
+def check_calibration(layer: MultiPointLayer) -> None:
+    """``bn="recompute"`` recalibrates the engine's own batch-norm layers only: running statistics held by a module
+    that runs its own forward (the fallback, own tensors per point) would silently stay interpolated."""
+    if layer.ctx.calibrate:
+        stats = sorted(k for k in layer.slices if k.endswith(("running_mean", "running_var")))
+        if stats:
+            raise RuntimeError(
+                f"lerpfast: bn='recompute' cannot recalibrate {', '.join(stats[:4])} of module {layer.name!r} "
+                f"({layer.source_type}), which runs its own forward; use method='loop' for this sweep, or "
+                f"bn='interpolate' / 'endpoint'")
 
 
 class MultiPointLayer(nn.Module):
@@ -302,6 +314,31 @@ class MPBatchNorm(MultiPointLayer):
         xf = xs.transpose(0, 1).reshape(B, K * C, *xs.shape[3:])  # (B, K*C, *): points folded into channels
         y = F.batch_norm(xf, mean, var, weight, bias, training, momentum, self.eps)
         return y.reshape(B, K, C, *xs.shape[3:]).transpose(0, 1).reshape(x.shape)
+
+
+class MPBatchNormAct(MPBatchNorm):
+    """timm's ``BatchNormAct2d`` (batch norm, then its ``drop`` and ``act`` children): the batch norm per point like
+    :class:`MPBatchNorm` (recalibration under ``bn="recompute"`` included), then the two children as they are."""
+
+    def __init__(self, ctx, name, tensors, source):
+        super().__init__(ctx, name, tensors, source)
+        self.drop, self.act = source.drop, source.act
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().run(x)))
+
+
+def _bn_act_ok(m: nn.Module) -> bool:
+    """timm's norm + activation layers keep this shape; anything else with the name runs its own forward."""
+    return isinstance(getattr(m, "drop", None), nn.Module) and isinstance(getattr(m, "act", None), nn.Module) \
+        and not any(True for _ in m.drop.parameters()) and not any(True for _ in m.act.parameters()) \
+        and not any(True for _ in m.drop.buffers()) and not any(True for _ in m.act.buffers())
+
+
+# layers known by class name (their packages are not imported here): name -> (layer, check, required base class)
+NATIVE_BY_NAME: dict[str, tuple[type, callable, type]] = {
+    "BatchNormAct2d": (MPBatchNormAct, _bn_act_ok, nn.modules.batchnorm._BatchNorm),
+}
 
 
 def _affine(y: torch.Tensor, weight, bias, K: int, channel_dim: int | None) -> torch.Tensor:

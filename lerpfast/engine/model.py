@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -15,10 +16,20 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from lerpfast.engine.dispatch import _autocast_dtype
 from lerpfast.engine.fallback import FallbackModule
+from lerpfast.engine.fallback import _rules as fallback_rules
 from lerpfast.engine.functional import Points
 from lerpfast.engine.fusion import FusedChain, resolve_fuse, trace
 from lerpfast.engine.fusion import fuse as fuse_net
-from lerpfast.engine.layers import NATIVE_LAYERS, MPBatchNorm, MPConv, MPLinear, MultiPointLayer, PointContext
+from lerpfast.engine.layers import (
+    NATIVE_BY_NAME,
+    NATIVE_LAYERS,
+    MPBatchNorm,
+    MPConv,
+    MPLinear,
+    MultiPointLayer,
+    PointContext,
+)
+from lerpfast.engine.pointparams import NeedsFallback, PointParamsModule
 from lerpfast.geometry import AffineSlice
 
 __all__ = ["MultiPointModel", "GraphedForward", "precision_context", "logits_of", "engine_for", "release_engine",
@@ -79,6 +90,33 @@ def logits_of(out, output=None):
     raise TypeError(f"cannot find logits in a model output of type {type(out).__name__}")
 
 
+# transformers' Conv1D flattens its input's leading axes before its addmm (which rows belong to which point is
+# then unknowable: see engine.pointparams); torchvision's Swin attention passes its qkv / proj children's weights to
+# a function
+_OWN_FORWARD_UNSUPPORTED_NAMES = {"Conv1D", "ShiftedWindowAttention", "ShiftedWindowAttentionV2"}
+
+
+def _own_forward_unsupported(module: nn.Module) -> bool:
+    """Modules the per-point own-tensor path cannot take, sent to the per-module fallback at once (instead of a
+    failed first call and a rebuild): those with registered batch axes (RNNs and MultiheadAttention: sequence-first
+    inputs, and MultiheadAttention's forward reads its out_proj's weight directly) and the names above."""
+    return fallback_rules(module) is not None or type(module).__name__ in _OWN_FORWARD_UNSUPPORTED_NAMES
+
+
+def _native(typ: type):
+    """The multi-point layer of ``typ``: its own, or a known base class's when ``typ`` keeps that class's forward
+    (torch's ``NonDynamicallyQuantizableLinear``, a user's Linear subclass that only adds attributes)."""
+    if typ in NATIVE_LAYERS:
+        return NATIVE_LAYERS[typ]
+    by_name = NATIVE_BY_NAME.get(typ.__name__)
+    if by_name is not None and issubclass(typ, by_name[2]):
+        return by_name[:2]
+    for base in typ.__mro__[1:]:
+        if base in NATIVE_LAYERS:
+            return NATIVE_LAYERS[base] if typ.forward is base.forward else None
+    return None
+
+
 def _prefix(name: str) -> str:
     return name + "." if name else ""
 
@@ -104,7 +142,17 @@ class MultiPointModel(nn.Module):
         super().__init__()
         self.ctx = PointContext()
         self.slice = slice_
-        force = set(fallback)
+        self._options = (set(fallback), fuse, no_repeat)
+        self._source = weakref.ref(model)
+        # module -> the type sent to the fallback because that module's own tensors could not run per point: every
+        # module of the type goes (same forward, same failure; one rebuild instead of one per module)
+        self.auto_fallback: dict[str, type] = {}
+        self._build(model)
+
+    def _build(self, model: nn.Module) -> None:
+        force, fuse, no_repeat = self._options
+        force = force | set(self.auto_fallback.values())
+        slice_ = self.slice
         net = copy.deepcopy(model)
         self.paths: dict[str, str] = {}
         self._covered: set[str] = set()
@@ -147,11 +195,18 @@ class MultiPointModel(nn.Module):
     def _convert(self, module: nn.Module, name: str, force: set) -> nn.Module | None:
         typ = type(module)
         direct = self._tensors(name, direct=True)
-        native = NATIVE_LAYERS.get(typ)
+        native = _native(typ)
         forced = name in force or typ in force
         if native is not None and not forced and (native[1] is None or native[1](module)):
             new = native[0](self.ctx, name, direct, module)
             self.paths[name] = f"native:{typ.__name__}"
+        elif direct and not forced and self.point_params and not _own_forward_unsupported(module):
+            # its own tensors per point (PointTensors), its children converted like everything else
+            new = PointParamsModule(self.ctx, name, direct, module)
+            self.paths[name] = f"native:{typ.__name__} (own tensors per point: {', '.join(direct)})"
+            self._covered.update(_prefix(name) + k for k in direct)
+            self._rewrite(module, name, force)
+            return new
         elif direct or forced:
             tensors = self._tensors(name, direct=False)
             if not tensors:
@@ -174,6 +229,8 @@ class MultiPointModel(nn.Module):
             else:
                 self._rewrite(child, full, force)
 
+    point_params = True  # False: a module owning tensors directly runs whole on the fallback (as before issue 17)
+
     def layers(self) -> list[MultiPointLayer]:
         return [m for m in self.net.modules() if isinstance(m, MultiPointLayer)]
 
@@ -186,6 +243,20 @@ class MultiPointModel(nn.Module):
                 path += f" ({m.mode})"
             out[m.name or "<root>"] = path
         return out
+
+    def _fall_back(self, e: NeedsFallback) -> None:
+        """Rebuild with ``e.module`` on the per-module fallback (its own tensors could not run as PointTensors)."""
+        model = self._source()
+        if model is None or e.module in self.auto_fallback:
+            raise RuntimeError(f"lerpfast: {e}") from e
+        typ = type(model.get_submodule(e.module))
+        warnings.warn(f"lerpfast: modules of type {typ.__name__} (first {e.module or '<root>'!r}) run on the "
+                      f"per-module fallback: {e.why}", stacklevel=3)
+        self.auto_fallback[e.module] = typ
+        device = next(iter(self.slice.params.values())).anchors.device
+        self._build(model)  # the same PointContext: the points, the batch, the calibration flag carry over
+        self.net.to(device)
+        _drop_fallback_copies(self)
 
     def fusion_report(self) -> dict:
         """What epilogue fusion did: mode, enabled, the fused chains, modules fx could not trace, and how many
@@ -269,6 +340,9 @@ class MultiPointModel(nn.Module):
                     out = self.net(*[arg(v, i) for i, v in enumerate(x)])
                 else:
                     out = self.net(arg(x, 0))
+        except NeedsFallback as e:
+            self._fall_back(e)
+            return self.forward(x, batch)
         finally:
             self.ctx.unrepeated = []  # no reference to the batch outlives the pass
         logits = logits_of(out, getattr(self, "output", None))
@@ -648,7 +722,7 @@ def _drop_fallback_copies(mp: MultiPointModel) -> None:
     """
     memo: dict[int, torch.Tensor] = {}
     for layer in mp.layers():
-        if not isinstance(layer, FallbackModule):
+        if not isinstance(layer, (FallbackModule, PointParamsModule)):  # both swap the points' values in per call
             continue
         for rel in layer.slices:
             owner_name, _, attr = rel.rpartition(".")

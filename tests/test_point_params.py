@@ -1,0 +1,199 @@
+"""Modules that own tensors directly run natively (issue 17): their own tensors per point, their children native.
+
+Every model here is checked against the float64 per-point loop (the oracle) at points inside and outside [0, 1],
+and ``meta["paths"]`` must show that nothing fell back where the point of the test is that it does not.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from lerpfast import sweep
+
+ALPHAS = [-0.5, 0.0, 0.3, 1.0, 1.5]
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision's / timm's channels-first LayerNorm: a LayerNorm subclass with its own forward."""
+
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's norm + activation layer (same name and layout: recognized natively)."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.drop = nn.Identity()
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, self.eps)
+        return self.act(self.drop(x))
+
+
+class BNRelu(nn.BatchNorm2d):
+    """A user's BatchNorm subclass with its own forward: its tensors per point."""
+
+    def forward(self, x):
+        return torch.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+                                       self.eps))
+
+
+class Block(nn.Module):
+    """ConvNeXt-style: depthwise conv, LayerNorm2d, pointwise Linear, layer scale (torchvision) and gamma (timm)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm = LayerNorm2d(c)
+        self.pw = nn.Linear(c, c)
+        self.layer_scale = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        y = self.pw(self.norm(self.dw(x)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return x + self.layer_scale * y.mul(self.gamma.reshape(1, -1, 1, 1))
+
+
+class TinyViT(nn.Module):
+    """Class token (expanded to the batch), position embedding, a raw projection used in a matmul, a relative
+    bias table gathered with an index buffer."""
+
+    def __init__(self, c=8, classes=5, norm=BNRelu):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 2, stride=2)
+        self.bn = norm(c)
+        self.block = Block(c)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, c))
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, c))
+        self.table = nn.Parameter(torch.randn(9, 1))
+        self.register_buffer("index", torch.randint(0, 9, (5,)))
+        self.ln = nn.LayerNorm(c)
+        self.proj = nn.Parameter(torch.randn(c, c) / c ** 0.5)
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = self.block(self.bn(self.stem(x))).flatten(2).transpose(1, 2)  # (N, 4, c)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = x + self.table[self.index]  # (5, 1) per point, broadcast over the batch and channels
+        return self.head(self.ln(x)[:, 0] @ self.proj)
+
+
+def _randomize(m, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in m.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if "var" in name
+                        else torch.randn(t.shape, generator=g) * 0.5)
+    return m.eval()
+
+
+def _pair(make):
+    torch.manual_seed(0)
+    return _randomize(make(), 1), _randomize(make(), 2)
+
+
+def _data(n=6, size=4):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(n, 3, size, size, generator=g, dtype=torch.float64), torch.randint(0, 5, (n,), generator=g)
+
+
+def _check(a, b, data, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no automatic fallback (it warns)
+        res = sweep(a, (a, b), ALPHAS, data, precision="fp64", batch_size=3, progress=False, **kw)
+    ref = sweep(a, (a, b), ALPHAS, data, precision="fp64", batch_size=3, progress=False, method="loop", **kw)
+    np.testing.assert_allclose(res.loss, ref.loss, rtol=1e-10, atol=0)
+    np.testing.assert_array_equal(res.error, ref.error)
+    res32 = sweep(a, (a, b), ALPHAS, (data[0].float(), data[1]), batch_size=3, progress=False, **kw)
+    np.testing.assert_allclose(res32.loss, ref.loss, rtol=1e-4, atol=1e-6)
+    return res
+
+
+@pytest.mark.parametrize("norm", [BNRelu, BatchNormAct2d], ids=["bn_subclass", "timm_bn_act"])
+def test_own_tensors_per_point_children_native(norm):
+    a, b = _pair(lambda: TinyViT(norm=norm))
+    res = _check(a, b, _data())
+    paths = res.meta["paths"]
+    assert not any("fallback" in p for p in paths.values()), paths
+    assert paths["<root>"] == "native:TinyViT (own tensors per point: cls_token, pos_embed, table, proj)"
+    assert paths["block"] == "native:Block (own tensors per point: layer_scale, gamma)"
+    assert paths["block.norm"].startswith("native:LayerNorm2d (own tensors")
+    assert paths["block.pw"] == "native:Linear" and paths["stem"] == "native:Conv2d"
+    assert paths["bn"] == ("native:BatchNormAct2d" if norm is BatchNormAct2d else
+                           "native:BNRelu (own tensors per point: weight, bias, running_mean, running_var)")
+
+
+def test_recompute_recalibrates_native_bn_inside_and_refuses_what_it_cannot():
+    """bn='recompute': a native BN (here timm's BatchNormAct2d) under a module with own tensors is recalibrated
+    like every native BN; a BN subclass running its own forward cannot be, and says so instead of silently using
+    interpolated statistics (which the per-module fallback did before)."""
+    a, b = _pair(lambda: TinyViT(norm=BatchNormAct2d))
+    x, y = _data()
+    kw = dict(bn="recompute", bn_data=(x, y))
+    _check(a, b, (x, y), **kw)
+    a, b = _pair(lambda: TinyViT(norm=BNRelu))
+    with pytest.raises(RuntimeError, match=r"recompute.*cannot recalibrate.*module 'bn' \(BNRelu\).*method='loop'"):
+        sweep(a, (a, b), ALPHAS, (x, y), precision="fp64", progress=False, **kw)
+    with pytest.raises(RuntimeError, match=r"cannot recalibrate"):
+        sweep(a, (a, b), ALPHAS, (x, y), precision="fp64", progress=False, fallback=["bn"], **kw)
+
+
+class ReadsChild(nn.Module):
+    """Owns a tensor and reads its child's weight directly: cannot run per point; the engine falls back."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 5)
+        self.scale = nn.Parameter(torch.ones(5))
+
+    def forward(self, x):
+        return F.linear(x.flatten(1), self.fc.weight, self.fc.bias) * self.scale
+
+
+class SeqFirst(nn.Module):
+    """A sequence-first tensor (batch on axis 1) meeting the module's own tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+        self.pos = nn.Parameter(torch.randn(3, 1, 4))
+
+    def forward(self, x):  # x (N, 3, 2, 2)
+        s = x.flatten(2).transpose(0, 1) + self.pos  # (3, N, 4)
+        return self.fc(s.mean(0))
+
+
+@pytest.mark.parametrize("make,module", [(ReadsChild, "<root>"), (SeqFirst, "<root>")])
+def test_what_cannot_run_per_point_falls_back_with_a_warning_and_stays_exact(make, module):
+    a, b = _pair(make)
+    x, y = _data(size=2)
+    with pytest.warns(UserWarning, match=r"run on the per-module fallback"):
+        res = sweep(a, (a, b), ALPHAS, (x, y), precision="fp64", batch_size=3, progress=False)
+    ref = sweep(a, (a, b), ALPHAS, (x, y), precision="fp64", batch_size=3, progress=False, method="loop")
+    np.testing.assert_allclose(res.loss, ref.loss, rtol=1e-10, atol=0)
+    assert res.meta["paths"][module].startswith("fallback:")
+    # the engine is cached with the fallback decided: the next sweep neither warns nor rebuilds
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = sweep(a, (a, b), ALPHAS, (x, y), precision="fp64", batch_size=3, progress=False)
+    assert again.meta["engine_cache"] == "reused"
+    np.testing.assert_allclose(again.loss, ref.loss, rtol=1e-10, atol=0)
+
+
+class TiedLinear(nn.Linear):
+    """A Linear subclass that keeps Linear's forward (like torch's NonDynamicallyQuantizableLinear): native."""
+
+
+def test_linear_subclass_without_own_forward_is_native():
+    a, b = _pair(lambda: nn.Sequential(nn.Flatten(), TiedLinear(48, 7), nn.ReLU(), nn.Linear(7, 5)))
+    res = _check(a, b, _data())
+    assert res.meta["paths"]["1"] == "native:TiedLinear"
