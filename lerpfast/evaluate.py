@@ -266,7 +266,11 @@ class _EngineEvaluator(_Evaluator):
         K = pts.K
         allp = pts if ref is None else Points(torch.cat([pts.anchor_idx, ref.anchor_idx]),
                                               torch.cat([pts.coefs, ref.coefs]))
-        self.mp.set_points(allp.to(self.device))
+        allp = allp.to(self.device)
+        n_batches = _len_or_none(data)
+        if n_batches is not None:  # lets the CPU layers keep the points' weights across batches when it pays
+            allp._cache["batches"] = n_batches
+        self.mp.set_points(allp)
         forward = self.mp
         if self.graphed is not None:
             self.graphed.reset()  # new points (and, below, new BN statistics): capture again

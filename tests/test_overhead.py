@@ -251,7 +251,8 @@ def test_cached_engine_serves_other_slices_and_K_and_holds_nothing_after():
         assert all(not m.slices for m in entry.engine.layers())
 
 
-@pytest.mark.parametrize("case,force,path", [("lstm", (), "fallback"), ("transformer", (), "fallback"),
+@pytest.mark.parametrize("case,force,path", [("lstm", (), "fallback"),
+                                             ("transformer", ["enc.layers.0.self_attn"], "fallback"),
                                              ("mlp", ["scale"], "fallback"), ("mlp", (), "own tensors per point")])
 def test_cached_fallback_engines_hold_no_weights_and_stay_exact(case, force, path):
     import test_sweep as sw
@@ -509,3 +510,33 @@ def test_data_fingerprint_of_more_than_2_pow_24_elements():
     before = _probe(t, 1024)
     t[-1] = 1.0
     assert not torch.equal(before, _probe(t, 1024))
+
+
+def test_cpu_weights_built_once_per_chunk_not_per_batch(monkeypatch):
+    """Issue 17: on the CPU the K points' conv / linear weights (BN folded in) are built once per chunk of points
+    and reused for its batches when it has enough of them, within the LERPFAST_CPU_WEIGHT_CACHE budget; the
+    numbers are the same bits."""
+    import test_sweep as sw
+
+    from lerpfast.engine import functional
+
+    model, theta_b, (x, y) = sw._make("resnet20")
+    calls = []
+    combine = functional.combine
+
+    def counting(anchors, *a, **k):
+        if anchors.dim() >= 3:  # a weight, not a bias or BN vector
+            calls.append(1)
+        return combine(anchors, *a, **k)
+
+    monkeypatch.setattr(functional, "combine", counting)
+    kw = dict(batch_size=2, precision="fp64", reference=None)
+    n_batches = -(-len(x) // 2)
+    assert n_batches >= functional.CACHE_MIN_BATCHES
+    res = sweep(model, (model, theta_b), [0.0, 0.4, 1.3], (x, y), **kw)
+    cached = len(calls)
+    calls.clear()
+    monkeypatch.setattr(functional, "CPU_WEIGHT_CACHE", 0)  # no budget: rebuilt on every batch, as before
+    again = sweep(model, (model, theta_b), [0.0, 0.4, 1.3], (x, y), **kw)
+    np.testing.assert_array_equal(res.loss, again.loss)
+    assert len(calls) >= (n_batches - 1) * cached > 0

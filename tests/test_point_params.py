@@ -197,3 +197,44 @@ def test_linear_subclass_without_own_forward_is_native():
     a, b = _pair(lambda: nn.Sequential(nn.Flatten(), TiedLinear(48, 7), nn.ReLU(), nn.Linear(7, 5)))
     res = _check(a, b, _data())
     assert res.meta["paths"]["1"] == "native:TiedLinear"
+
+
+class Attn(nn.Module):
+    """nn.MultiheadAttention in the ways models call it: self / cross attention, batch or sequence first, causal
+    and padding masks, with the attention weights used in the output."""
+
+    def __init__(self, batch_first, cross, masks, weights):
+        super().__init__()
+        self.emb = nn.Linear(3, 8)
+        self.kv = nn.Linear(3, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.head = nn.Linear(8, 5)
+        self.batch_first, self.cross, self.masks, self.weights = batch_first, cross, masks, weights
+
+    def forward(self, x):  # x (N, 3, 4, 4) -> a sequence of 16 tokens of 3 features
+        tokens = x.flatten(2).transpose(1, 2)
+        q = self.emb(tokens)
+        kv = self.kv(tokens[:, :6]) if self.cross else q
+        if not self.batch_first:
+            q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+        kw = {}
+        if self.masks:
+            L, S = 16, kv.shape[0 if not self.batch_first else 1]
+            kw["attn_mask"] = torch.ones(L, S, dtype=torch.bool, device=x.device).triu(1) if not self.cross else None
+            kw["key_padding_mask"] = (tokens[:, :S, 0] > 1.5)  # (N, S), a few padded keys per sample
+            kw["key_padding_mask"][:, 0] = False
+        out, w = self.attn(q, kv, kv, need_weights=self.weights, **kw)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        y = self.head(out.mean(1))
+        return y + w.sum((1, 2))[:, None] if self.weights else y
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+@pytest.mark.parametrize("masks", [False, True], ids=["nomask", "masks"])
+@pytest.mark.parametrize("weights", [False, True], ids=["sdpa", "weights"])
+def test_multihead_attention_native(batch_first, cross, masks, weights):
+    a, b = _pair(lambda: Attn(batch_first, cross, masks, weights))
+    res = _check(a, b, _data())
+    assert res.meta["paths"]["attn"] == "native:MultiheadAttention"

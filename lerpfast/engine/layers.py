@@ -335,6 +335,75 @@ def _bn_act_ok(m: nn.Module) -> bool:
         and not any(True for _ in m.drop.buffers()) and not any(True for _ in m.act.buffers())
 
 
+class MPMultiheadAttention(MultiPointLayer):
+    """``nn.MultiheadAttention`` with its projections multi-point and the attention itself one call over the K*B
+    rows (attention is per sample: the points only differ in the projections). Holds its ``out_proj`` tensors too.
+
+    Self-attention (query, key and value the same tensor) runs one (K, N, E) x (3E, E) projection; otherwise each
+    input is projected with the full in_proj and its third kept. ``need_weights=True`` computes the attention
+    weights explicitly (averaged over heads unless ``average_attn_weights=False``), as torch does.
+    """
+
+    whole = True  # the slices of its children (out_proj) are its own: nothing below it is converted
+
+    def __init__(self, ctx, name, tensors, source: nn.MultiheadAttention):
+        super().__init__(ctx, name, tensors, source)
+        self.embed_dim, self.num_heads, self.batch_first = source.embed_dim, source.num_heads, source.batch_first
+
+    def _project(self, x: torch.Tensor, key: str, part: int | None) -> torch.Tensor:
+        K, E = self.ctx.K, self.embed_dim
+        y = dispatch.lerp_linear(x.reshape(K, -1, x.shape[-1]), self.slices[key + "weight"],
+                                 self.slice(key + "bias"), self.ctx.pts).reshape(*x.shape[:-1], -1)
+        return y if part is None else y[..., part * E:(part + 1) * E]
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        N, L, E = query.shape
+        S, H = key.shape[1], self.num_heads
+        if query is key and key is value:
+            q, k, v = self._project(query, "in_proj_", None).chunk(3, dim=-1)
+        else:
+            q, k, v = (self._project(t, "in_proj_", i) for i, t in enumerate((query, key, value)))
+        q, k, v = (t.reshape(N, -1, H, E // H).transpose(1, 2) for t in (q, k, v))  # (N, H, L|S, E/H)
+        mask = _merge_masks(attn_mask, key_padding_mask, N, H, L, S, q.dtype)
+        if need_weights:
+            scores = (q * (E // H) ** -0.5) @ k.transpose(-2, -1)
+            if mask is not None:
+                scores = scores + mask
+            elif is_causal:
+                scores = scores.masked_fill(torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+            weights = scores.softmax(-1)
+            out = weights @ v
+            weights = weights.mean(1) if average_attn_weights else weights
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+            weights = None
+        out = self._project(out.transpose(1, 2).reshape(N, L, E), "out_proj.", None)
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+
+def _merge_masks(attn_mask, key_padding_mask, N, H, L, S, dtype):
+    """torch's attention masks as one additive float mask broadcastable to (N, H, L, S), or None."""
+    def additive(m):
+        return torch.zeros_like(m, dtype=dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m.to(dtype)
+
+    mask = None
+    if attn_mask is not None:
+        mask = additive(attn_mask)
+        mask = mask.reshape(N, H, L, S) if mask.dim() == 3 else mask  # (N*H, L, S) or (L, S)
+    if key_padding_mask is not None:
+        pad = additive(key_padding_mask).reshape(N, 1, 1, S)
+        mask = pad if mask is None else mask + pad
+    return mask
+
+
+def _mha_ok(m: nn.MultiheadAttention) -> bool:
+    return (m._qkv_same_embed_dim and m.in_proj_bias is not None and m.bias_k is None and not m.add_zero_attn
+            and m.out_proj.bias is not None and type(m.out_proj).forward is nn.Linear.forward)
+
+
 # layers known by class name (their packages are not imported here): name -> (layer, check, required base class)
 NATIVE_BY_NAME: dict[str, tuple[type, callable, type]] = {
     "BatchNormAct2d": (MPBatchNormAct, _bn_act_ok, nn.modules.batchnorm._BatchNorm),
@@ -405,4 +474,5 @@ NATIVE_LAYERS: dict[type, tuple[type, callable]] = {
     nn.LayerNorm: (MPLayerNorm, None),
     nn.GroupNorm: (MPGroupNorm, None),
     nn.Embedding: (MPEmbedding, _embedding_ok),
+    nn.MultiheadAttention: (MPMultiheadAttention, _mha_ok),
 }

@@ -198,7 +198,9 @@ class MultiPointModel(nn.Module):
         native = _native(typ)
         forced = name in force or typ in force
         if native is not None and not forced and (native[1] is None or native[1](module)):
-            new = native[0](self.ctx, name, direct, module)
+            # a layer that computes with its children's tensors too (MultiheadAttention's out_proj) holds them all
+            new = native[0](self.ctx, name, self._tensors(name, direct=not getattr(native[0], "whole", False)),
+                            module)
             self.paths[name] = f"native:{typ.__name__}"
         elif direct and not forced and self.point_params and not _own_forward_unsupported(module):
             # its own tensors per point (PointTensors), its children converted like everything else
@@ -281,7 +283,7 @@ class MultiPointModel(nn.Module):
         chain counters, the largest materialized tensor)."""
         self.slice = slice_
         for m in self.layers():
-            m.slices = self._tensors(m.name, direct=not isinstance(m, FallbackModule))
+            m.slices = self._tensors(m.name, direct=not (isinstance(m, FallbackModule) or getattr(m, "whole", False)))
             if isinstance(m, MPBatchNorm):
                 m.reset_calibration()
         for c in self.net.modules():

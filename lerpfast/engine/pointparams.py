@@ -22,10 +22,11 @@ with that module on the fallback (:class:`lerpfast.engine.fallback.FallbackModul
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from lerpfast.engine.layers import MultiPointLayer, check_calibration
+from lerpfast.engine.layers import MultiPointLayer, _affine, check_calibration
 
 __all__ = ["PointTensor", "PointParamsModule", "NeedsFallback"]
 
@@ -92,6 +93,10 @@ def _apply(func, args, kwargs):
         out = _expand_rows(name, args, kwargs, K, B)
         if out is not None:
             return out
+    if func is F.layer_norm and not isinstance(args[0], PointTensor):
+        out = _layer_norm(args, kwargs, K, N)
+        if out is not None:
+            return out
     is_act = [torch.is_tensor(v) and not isinstance(v, PointTensor) and v.dim() >= 1 and v.shape[0] == N
               for v in flat]
     acts = any(is_act)
@@ -151,6 +156,21 @@ def _expand_rows(name, args, kwargs, K, B):
     if out.shape[1] != B:
         return None
     return out.reshape(K * B, *out.shape[2:])
+
+
+def _layer_norm(args, kwargs, K, N):
+    """``F.layer_norm(x, shape, weight, bias, eps)`` with per-point weight / bias (LayerNorm2d): normalized over
+    all K*B rows at once, then the per-point affine, as the native LayerNorm does (no vmap, no copies)."""
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    a = dict(zip(names, args), **kwargs)
+    x = a["input"]
+    if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] != N:
+        return None
+    w, b = a.get("weight"), a.get("bias")
+    if not all(t is None or isinstance(t, PointTensor) for t in (w, b)):
+        return None
+    y = F.layer_norm(x, a["normalized_shape"], None, None, a.get("eps", 1e-5))
+    return _affine(y, None if w is None else _plain(w), None if b is None else _plain(b), K, None)
 
 
 class PointParamsModule(MultiPointLayer):
