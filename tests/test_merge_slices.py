@@ -20,10 +20,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lerpfast
 from lerpfast import Soup, TaskVectors, sweep
 from lerpfast.checkpoints import CheckpointError, load_checkpoints
+from lerpfast.engine import functional as Fe
+from lerpfast.engine.functional import ParamSlice, Points
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -398,6 +401,76 @@ def test_j16_with_fusion_and_chunks():
     res = sweep(model, TaskVectors(pre, fts, lam), data=data, fuse=True, points_per_pass=2)
     assert res.meta["fusion"]["chains"] >= 2
     assert np.allclose(res.loss, ref.loss, rtol=1e-5, atol=1e-5)
+
+
+class _OpLog(TorchDispatchMode):
+    """The aten ops a piece of code runs, with their output shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((str(func), tuple(out.shape) if torch.is_tensor(out) else ()))
+        return out
+
+
+def _slice16(K=11, J=16, shape=(24, 40), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ad = torch.randn((1 + J, *shape), generator=g)
+    idx = torch.zeros(K, dtype=torch.long)
+    coefs = (torch.rand((K, J), generator=g) * 2 - 0.5)
+    coefs[0] = 0.0  # the anchor itself
+    return ParamSlice(ad[:1], ad[1:]), Points(idx, coefs)
+
+
+def test_combine_of_many_directions_is_one_product():
+    """J >= 4 on a CPU: one addmm over the flattened tensor (was 2J elementwise passes), float64-accurate, anchors
+    bit-exact; J <= 3 keeps the fused kernels' order (bit-identical to combine_one); no exact fp32 matmul
+    (float32_matmul_precision 'medium') keeps the loop."""
+    w, pts = _slice16()
+    a, d, idx, c = w.anchors, w.dirs, pts.anchor_idx, pts.coefs
+    with _OpLog() as log:
+        out = Fe.combine(a, d, idx, c)
+    assert len(log.ops) <= 4, log.ops
+    ref = Fe.combine(a.double(), d.double(), idx, c.double())
+    assert torch.allclose(out.double(), ref, rtol=0, atol=1e-5)
+    assert torch.equal(out[0], a[0])
+    for J in (1, 2, 3):
+        o = Fe.combine(a, d[:J], idx, c[:, :J])
+        assert all(torch.equal(o[k], Fe.combine_one(a[0], d[:J], c[k, :J])) for k in range(len(idx)))
+    prev = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        loop = Fe.combine(a, d, idx, c)
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    assert all(torch.equal(loop[k], Fe.combine_one(a[0], d, c[k])) for k in range(len(idx)))
+
+
+@pytest.mark.parametrize("op", ["linear", "conv"])
+def test_shared_input_with_more_directions_than_points_uses_the_points_weights(op):
+    """A shared input (a first layer) times T = 1 + 16 basis tensors is more work than times the K = 11 points'
+    weights: the layer builds the K weights instead (was: a (17, N, out) product), and still matches float64."""
+    if op == "linear":
+        w, pts = _slice16(shape=(24, 40))
+        x = torch.randn(7, 40)
+        run = lambda xx, ww, pp: Fe.lerp_linear(xx, ww, None, pp, shared_input=True)  # noqa: E731
+    else:
+        w, pts = _slice16(shape=(6, 3, 3, 3))
+        x = torch.randn(7, 3, 5, 5)
+        run = lambda xx, ww, pp: Fe.lerp_conv(xx, ww, None, pp, 1, 1, 1, 1, shared_input=True)  # noqa: E731
+    with torch.inference_mode(), _OpLog() as log:
+        out = run(x, w, pts)
+    assert not any(shape[:1] == (17,) or shape[1:2] == (17 * w.anchors.shape[1],) for _, shape in log.ops), log.ops
+    w64 = ParamSlice(w.anchors.double(), w.dirs.double())
+    ref = run(x.double(), w64, Points(pts.anchor_idx, pts.coefs.double()))
+    assert out.shape == ref.shape and torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5)
+    few = Points(pts.anchor_idx[:11], pts.coefs[:, :4])  # T = 5 <= K = 11: the basis form, as before
+    with torch.inference_mode(), _OpLog() as log:
+        run(x, ParamSlice(w.anchors, w.dirs[:4]), few)
+    assert any(shape[:1] == (5,) or shape[1:2] == (5 * w.anchors.shape[1],) for _, shape in log.ops)
 
 
 # ---------------------------------------------------------------------------------------------------------------
