@@ -322,7 +322,7 @@ def test_ingredient_with_another_head_is_a_named_checkpoint_error():
 # Store, resume, plots
 
 
-def test_store_resume_and_plots(tmp_path):
+def test_store_resume_and_plots(tmp_path, capsys):
     from lerpfast.plot import plot_store
     from lerpfast.store import ResultStore
 
@@ -350,6 +350,12 @@ def test_store_resume_and_plots(tmp_path):
         assert desc["kind"] == "soup" and desc["N"] == 5 and np.array_equal(desc["weights"], w)
         desc = st.attrs("tasks")["slice"]
         assert desc["kind"] == "task_vectors" and desc["J"] == 5 and desc["shared_lambda"] is False
+    from lerpfast.cli import main
+
+    assert main(["show", str(path)]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert [ln.split()[:3] for ln in shown[1:]] == [["shared", "task_vectors", "4/4"], ["soup", "soup", "3/3"],
+                                                    ["tasks", "task_vectors", "5/5"]], shown
     written = {p.name for p in plot_store(path, tmp_path / "fig")}
     assert "lines.png" in written  # the shared-lambda sweep is a line
     assert {"tasks_points.png", "soup_points.png"} <= written
@@ -401,6 +407,46 @@ def test_j16_with_fusion_and_chunks():
     res = sweep(model, TaskVectors(pre, fts, lam), data=data, fuse=True, points_per_pass=2)
     assert res.meta["fusion"]["chains"] >= 2
     assert np.allclose(res.loss, ref.loss, rtol=1e-5, atol=1e-5)
+
+
+def _tv16():
+    model, data = _model("mlp")
+    return model, TaskVectors(model.state_dict(), _perturbed(model, 16), _lambda_rows(16)), data
+
+
+def _dist_worker(rank: int, world: int, port: int, out_dir: str):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, spec, data = _tv16()
+        r = sweep(model, spec, data=data, points_per_pass=2, batch_size=16)
+        np.savez(os.path.join(out_dir, f"rank{rank}.npz"), loss=r.loss, error=r.error, world=r.meta["world_size"])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_j16_sharded_over_two_ranks(tmp_path):
+    """torchrun's path: the points of a 16-task sweep sharded over 2 gloo ranks give the single-process result."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_dist_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    model, spec, data = _tv16()
+    single = sweep(model, spec, data=data, batch_size=16)
+    for rank in range(2):
+        got = np.load(tmp_path / f"rank{rank}.npz")
+        assert int(got["world"]) == 2
+        np.testing.assert_allclose(got["loss"], single.loss, rtol=1e-6)
+        np.testing.assert_array_equal(got["error"], single.error)
 
 
 class _OpLog(TorchDispatchMode):

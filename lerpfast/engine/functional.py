@@ -102,7 +102,7 @@ def combine_one(anchor: torch.Tensor, dirs: list[torch.Tensor] | torch.Tensor | 
 
 
 #: From this many directions on, :func:`combine` on a CPU is one (K x J) @ (J x numel) product added to the gathered
-#: anchors instead of 2J passes over (K, numel) (benchmarks/bench_many_dirs.py: 3.9x at J = 4, 11x at J = 16 for a
+#: anchors instead of 2J passes over (K, numel) (benchmarks/bench_many_dirs.py: 13x at J = 4, 27x at J = 16 for a
 #: 1024 x 1024 Linear, K = 11, one thread). Below it the loop stays: it is bit-identical to the fused kernels
 #: (Triton, csrc), which take J <= 3.
 MATMUL_MIN_J = 4
@@ -177,7 +177,7 @@ def _bank(w: ParamSlice, pts: Points) -> tuple[torch.Tensor, torch.Tensor]:
 def _basis_pays(w: ParamSlice, pts: Points) -> bool:
     """Whether a shared input is cheaper in the basis form (the rows times each used anchor and each direction, T
     products) than times the K points' own weights (K products, plus building them): T <= K. Task vectors over
-    16 tasks at K = 11 have T = 17 (benchmarks/bench_many_dirs.py: the basis form 1.5x slower there)."""
+    16 tasks at K = 11 have T = 17 (benchmarks/bench_many_dirs.py: the basis form 1.4x slower there)."""
     used, _ = pts.used_anchors()
     T = used.numel() + (pts.J if w.dirs is not None else 0)
     return T <= pts.K
