@@ -416,8 +416,9 @@ def _coef_matrix(values: Any, width: int, name: str, symbol: str, what: str) -> 
     except (TypeError, ValueError) as e:
         raise ValueError(f"{name}: expected a (K, {symbol}) array of numbers, got {type(values).__name__}") from e
     if arr.ndim != 2:
+        one = " (one point is a list of one row: [[...]])" if arr.ndim == 1 else ""
         raise ValueError(f"{name}: expected a (K, {symbol}) = (K, {width}) array, one column per {what} "
-                         f"({symbol} = {width}), got a {arr.ndim}-d array of shape {arr.shape}")
+                         f"({symbol} = {width}), got a {arr.ndim}-d array of shape {arr.shape}{one}")
     if arr.shape[1] != width or arr.shape[0] == 0:
         raise ValueError(f"{name}: expected a (K, {symbol}) array with one column per {what} ({symbol} = {width}) "
                          f"and at least one row, got shape {arr.shape} (width {arr.shape[1]}): give one "
