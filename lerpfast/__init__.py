@@ -13,13 +13,14 @@ from lerpfast._version import __version__
 
 __all__ = [
     "__version__", "sweep", "SweepResult", "Line", "Bilinear", "Barycentric", "Ray", "RandomDirections",
-    "CheckpointError", "ResultStore", "clear_caches",
+    "TaskVectors", "Soup", "CheckpointError", "ResultStore", "clear_caches",
 ]
 
 _LAZY = {
     "sweep": "lerpfast.evaluate", "SweepResult": "lerpfast.result", "Line": "lerpfast.geometry",
     "Bilinear": "lerpfast.geometry", "Barycentric": "lerpfast.geometry", "Ray": "lerpfast.geometry",
-    "RandomDirections": "lerpfast.geometry", "CheckpointError": "lerpfast.checkpoints", "ResultStore": "lerpfast.store",
+    "RandomDirections": "lerpfast.geometry", "TaskVectors": "lerpfast.geometry", "Soup": "lerpfast.geometry",
+    "CheckpointError": "lerpfast.checkpoints", "ResultStore": "lerpfast.store",
     "clear_caches": "lerpfast.evaluate",
 }
 

@@ -472,12 +472,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"{args.store}: no sweeps")
         return EXIT_OK
     width = max(len(r["name"]) for r in rows)
-    print(f"{'sweep':<{width}}  {'kind':<11} {'points':>13}  {'done':>6}  {'max incr.':>9}  {'barrier':>9}  created")
+    kw = max([11] + [len(str(r["kind"])) for r in rows])  # task_vectors: 12
+    print(f"{'sweep':<{width}}  {'kind':<{kw}} {'points':>13}  {'done':>6}  {'max incr.':>9}  {'barrier':>9}  created")
     for r in rows:
         pct = 100.0 * r["done"] / max(r["total"], 1)
         mi = "" if r["max_increase_loss"] is None else f"{r['max_increase_loss']:.4g}"
         ba = "" if r["barrier_loss"] is None else f"{r['barrier_loss']:.4g}"
-        print(f"{r['name']:<{width}}  {r['kind']:<11} {r['done']:>6}/{r['total']:<6}  {pct:5.1f}%  {mi:>9}  {ba:>9}  "
+        print(f"{r['name']:<{width}}  {r['kind']:<{kw}} {r['done']:>6}/{r['total']:<6}  {pct:5.1f}%  {mi:>9}  {ba:>9}  "
               f"{r['created']}")
     return EXIT_OK
 

@@ -454,7 +454,8 @@ def sweep(
         ``out["logits"]``, else, for a tuple or list, the same rule applied to ``out[0]``. A forward returning
         ``(features, logits)`` is therefore scored on the features: pass ``output=`` (below).
     ckpts : a pair ``(theta_a, theta_b)`` for a line, or a slice (``Line``, ``Bilinear``, ``Barycentric``,
-        ``Ray``, ``RandomDirections``). Checkpoints may be modules, state dicts or paths (.pt/.pth/.safetensors).
+        ``Ray``, ``RandomDirections``, ``TaskVectors``, ``Soup``). Checkpoints may be modules, state dicts or
+        paths (.pt/.pth/.safetensors).
     alphas : the line's coordinates (list, array, tensor or ``"start:stop:num"``); values outside [0, 1]
         extrapolate. Slices may carry their own coordinates.
     data : an ``(X, y)`` pair, a ``Dataset``, or any re-iterable of ``(x, y)`` batches (DataLoader, FFCV loader,
@@ -468,7 +469,14 @@ def sweep(
     points_per_pass : points evaluated per forward pass (default: all; halved automatically on out-of-memory).
     device : where to run (default: the model's device).
     progress : show a tqdm bar (default: when the sweep is long and stderr is a terminal).
-    loss_fn : ``loss_fn(logits, target)`` returning per-sample losses (default: cross-entropy).
+    loss_fn : the per-sample loss (default: cross-entropy; the ``loss`` metric is its mean over the data set).
+        Called once per batch as ``loss_fn(logits, target)`` with ``logits`` a float64 tensor (R, C), the rows of
+        all points evaluated in the pass stacked point by point (R = points x samples of the batch; for sequence
+        outputs (B, T, C) every position is a row, R = points x B x T), and ``target`` the (R,) targets of those
+        rows (the batch's labels flattened and repeated for each point). It must return the R per-row losses,
+        shape (R,) (or (R, 1)), without reducing them: ``F.cross_entropy(logits, target, reduction="none")``.
+        Any other shape (a mean, a per-sequence loss) is a ``ValueError`` naming ``loss_fn``. It is also called
+        once on the first batch for the store's resume probe.
     reference : point for functional distance and disagreement: ``"first"`` (the first checkpoint), a point
         index, or None to skip them.
     method : ``"engine"`` (batched), ``"loop"`` (the per-point oracle) or ``"vmap"`` (torch.func baseline).
@@ -538,7 +546,8 @@ def sweep(
     combine_dtype = torch.float64 if precision == "fp64" else torch.float32
     # copy=False: the slice copies what it keeps (torch.stack in geometry._build), the states are only read
     # a pruned model or pruned checkpoints: the model without its pruning hooks, the masks folded into the states
-    model, states, pruning = load_pruned(spec.sources, model, labels, copy=False, mask_from=mask_from)
+    model, states, pruning = load_pruned(spec.sources, model, labels if labels is not None else spec.labels(),
+                                         copy=False, mask_from=mask_from)
     timings["checkpoints"] = clock() - t_start
     t = clock()
     aff = spec.resolve(states, model, combine_dtype)

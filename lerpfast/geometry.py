@@ -17,6 +17,8 @@ dtype as torch.lerp does), and every corner of a bilinear or barycentric plane i
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +31,7 @@ from lerpfast.engine.functional import ParamSlice, Points, combine
 
 __all__ = [
     "AffineSlice", "Slice", "Line", "Bilinear", "Barycentric", "Ray", "RandomDirections",
-    "parse_coords", "as_slice",
+    "TaskVectors", "Soup", "parse_coords", "as_slice",
 ]
 
 
@@ -171,6 +173,10 @@ class Slice:
 
     def describe(self) -> dict:
         return {"kind": self.kind}
+
+    def labels(self) -> list[str] | None:
+        """Names of the checkpoints for error messages (None: lerpfast.checkpoints' defaults)."""
+        return None
 
 
 class Line(Slice):
@@ -389,6 +395,206 @@ class RandomDirections(Slice):
                       coords, names, dtype, grid_shape=grid)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Merging: any number of endpoints
+
+
+def _checkpoint_list(values, name: str) -> list:
+    """``values`` as a non-empty list of checkpoints (a single checkpoint is a list of one)."""
+    out = list(values) if isinstance(values, (list, tuple)) else [values]
+    if not out:
+        raise ValueError(f"{name}: expected at least one checkpoint (a module, a state dict or a path), got none")
+    return out
+
+
+def _coef_matrix(values: Any, width: int, name: str, symbol: str, what: str) -> np.ndarray:
+    """``values`` as a finite (K, width) float64 array; errors name the argument, the width wanted and the one given."""
+    if torch.is_tensor(values):
+        values = values.detach().cpu().double().numpy()
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: expected a (K, {symbol}) array of numbers, got {type(values).__name__}") from e
+    if arr.ndim != 2:
+        one = " (one point is a list of one row: [[...]])" if arr.ndim == 1 else ""
+        raise ValueError(f"{name}: expected a (K, {symbol}) = (K, {width}) array, one column per {what} "
+                         f"({symbol} = {width}), got a {arr.ndim}-d array of shape {arr.shape}{one}")
+    if arr.shape[1] != width or arr.shape[0] == 0:
+        raise ValueError(f"{name}: expected a (K, {symbol}) array with one column per {what} ({symbol} = {width}) "
+                         f"and at least one row, got shape {arr.shape} (width {arr.shape[1]}): give one "
+                         f"{name[:-1]} per {what} in each row")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}: coordinates must be finite, got {arr[~np.isfinite(arr)][:3].tolist()}")
+    return arr
+
+
+def _one_hot_rows(rows: np.ndarray) -> np.ndarray:
+    """(K,) index of the single 1 of each row that is exactly one 1 and zeros elsewhere, else -1."""
+    ones, zeros = rows == 1.0, rows == 0.0
+    hit = (ones.sum(1) == 1) & ((ones | zeros).all(1))
+    return np.where(hit, ones.argmax(1), -1)
+
+
+def _with_exact_anchors(base: dict, extra: list[dict], hit: np.ndarray, coefs: np.ndarray):
+    """Anchors ``[base] + [extra[i] for every i some point hits]`` and each point's anchor index; points that hit a
+    checkpoint (``hit[k] = i >= 0``) sit on it with zero coefficients, so they are that checkpoint bit for bit.
+    Points with ``hit[k] = -1`` use the base. Only checkpoints that are hit are held as anchors."""
+    used = sorted({int(i) for i in hit if i >= 0})
+    idx = np.zeros(len(hit), dtype=np.int64)
+    coefs = coefs.copy()
+    for pos, i in enumerate(used):
+        idx[hit == i] = pos + 1
+    coefs[hit >= 0] = 0.0
+    return [base] + [extra[i] for i in used], idx, coefs
+
+
+def _source_labels(sources: list, names: list[str]) -> list[str]:
+    """Labels for error messages: a path names itself, anything else the argument it was passed in."""
+    from lerpfast.checkpoints import _is_path
+
+    return [os.fspath(s) if _is_path(s) else n for s, n in zip(sources, names)]
+
+
+class TaskVectors(Slice):
+    """Task arithmetic (Ilharco et al., ICLR 2023): ``theta_k = pretrained + sum_j lambdas[k, j] * tau_j`` with the
+    task vectors ``tau_j = finetuned[j] - pretrained``.
+
+    Parameters
+    ----------
+    pretrained : a checkpoint (module, state dict or path).
+    finetuned : a list of J checkpoints of the same model (J is not capped). A task vector reshaped first (TIES,
+        DARE) goes in as the checkpoint ``pretrained + tau``.
+    lambdas : a (K, J) array, one row of J scales per point (coordinates ``lambda_0 .. lambda_{J-1}``); or a 1-d
+        array or ``"start:stop:num"`` string: one lambda shared by every task (``theta = pretrained +
+        lambda * sum_j tau_j``, a single coordinate ``lambda``: it stores and plots like a line). Default:
+        ``sweep``'s ``alphas``, as a shared lambda.
+
+    Points whose lambdas are all 0 are ``pretrained``, and points with a single 1 (the rest 0) are that fine-tuned
+    checkpoint, bit for bit (with one task, lambda = 1 of a shared lambda too). Values must be finite.
+
+    >>> tv = TaskVectors(theta0, [theta_a, theta_b, theta_c], lambdas="0:1:11")        # one lambda for all tasks
+    >>> tv = TaskVectors(theta0, [theta_a, theta_b], lambdas=[[0.3, 0.5], [0.5, 0.5]])   # one lambda per task
+    """
+
+    kind = "task_vectors"
+
+    def __init__(self, pretrained, finetuned, lambdas=None):
+        finetuned = _checkpoint_list(finetuned, "finetuned")
+        self.sources = [pretrained, *finetuned]
+        self.J = len(finetuned)
+        self.shared = True
+        self.lambdas: np.ndarray | None = None
+        if lambdas is not None:
+            self._set_lambdas(lambdas)
+
+    def _set_lambdas(self, lambdas) -> None:
+        shared = isinstance(lambdas, str) or np.ndim(lambdas) <= 1
+        if shared:
+            self.lambdas = parse_coords(lambdas, "lambdas")
+        else:
+            self.lambdas = _coef_matrix(lambdas, self.J, "lambdas", "J", "fine-tuned checkpoint")
+        self.shared = shared
+
+    def with_default_coords(self, alphas) -> TaskVectors:
+        if self.lambdas is None:
+            if alphas is None:
+                raise ValueError("TaskVectors: no lambdas given (pass lambdas=..., e.g. '0:1:11' for one lambda "
+                                 "shared by every task, or a (K, J) array with one lambda per task)")
+            self._set_lambdas(alphas)
+        return self
+
+    def labels(self) -> list[str]:
+        return _source_labels(self.sources, ["pretrained"] + [f"finetuned[{j}]" for j in range(self.J)])
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "J": self.J, "shared_lambda": self.shared, "lambdas": self.lambdas.tolist()}
+
+    def resolve(self, states, model, dtype) -> AffineSlice:
+        pre, *fts = _cast(states, dtype)
+        if self.shared:
+            lam = self.lambdas
+            # sum_j tau_j accumulated in float64 and rounded once (with one task: exactly finetuned - pretrained)
+            tau = {k: sum(s[k].double() for s in states[1:]).sub_(states[0][k].double() * self.J).to(dtype)
+                   for k in _float_keys(pre)}
+            hit = np.where(lam == 1.0, 0, -1) if self.J == 1 else np.full(len(lam), -1)
+            anchors, idx, coefs = _with_exact_anchors(pre, fts, hit, lam[:, None])
+            return _build(self.kind, anchors, [tau], idx, torch.from_numpy(coefs), lam[:, None], ("lambda",), dtype,
+                          info={"J": self.J})
+        lam = self.lambdas
+        anchors, idx, coefs = _with_exact_anchors(pre, fts, _one_hot_rows(lam), lam)
+        return _build(self.kind, anchors, [_sub(f, pre) for f in fts], idx, torch.from_numpy(coefs), lam,
+                      tuple(f"lambda_{j}" for j in range(self.J)), dtype, info={"J": self.J})
+
+
+class Soup(Slice):
+    """Model soups (Wortsman et al., ICML 2022): ``theta_k = sum_n weights[k, n] * ingredients[n]``.
+
+    Parameters
+    ----------
+    ingredients : a list of N checkpoints of the same model (modules, state dicts or paths; N is not capped).
+    weights : a (K, N) array, one row of N weights per point (coordinates ``w_0 .. w_{N-1}``): ``[1/N] * N`` is
+        the uniform soup, a row with a single 1 (the rest 0) is that ingredient, bit for bit. Values must be
+        finite. A row that does not sum to 1 is evaluated as the weighted sum it asks for, with one warning (it is
+        not a soup, an average of the ingredients).
+
+    Computed as ``ingredients[0] + sum_{n>=1} weights[k, n] * (ingredients[n] - ingredients[0])`` (plus
+    ``(sum_n weights[k, n] - 1) * ingredients[0]`` for rows that do not sum to 1): ingredients fine-tuned from one
+    model differ little, so the differences keep the rounding small.
+
+    >>> soup = Soup([theta_a, theta_b, theta_c], weights=[[1/3, 1/3, 1/3], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    """
+
+    kind = "soup"
+
+    def __init__(self, ingredients, weights=None):
+        ingredients = _checkpoint_list(ingredients, "ingredients")
+        self.sources = list(ingredients)
+        self.N = len(ingredients)
+        self.weights: np.ndarray | None = None
+        if weights is not None:
+            self.weights = _coef_matrix(weights, self.N, "weights", "N", "ingredient")
+            self._warn_sums()
+
+    def _warn_sums(self) -> None:
+        sums = self.weights.sum(1)
+        off = np.flatnonzero(np.abs(sums - 1.0) > 1e-6)
+        if len(off):
+            i = int(off[0])
+            warnings.warn(f"Soup: {len(off)} of {len(sums)} weight rows do not sum to 1 (row {i}: sum {sums[i]:.6g}): "
+                          "those points are the weighted sums of the ingredients as given, a linear combination "
+                          "that is not a soup (an average, weights summing to 1); divide each row by its sum for "
+                          "a soup", UserWarning, stacklevel=3)
+
+    def with_default_coords(self, alphas) -> Soup:
+        if self.weights is None:
+            raise ValueError(f"Soup: no weights given (pass weights=..., a (K, N) array with one row of N = "
+                             f"{self.N} ingredient weights per point, e.g. [[{', '.join(['1/N'] * min(self.N, 3))}"
+                             f"{', ...' if self.N > 3 else ''}]] for the uniform soup)")
+        return self
+
+    def labels(self) -> list[str]:
+        return _source_labels(self.sources, [f"ingredients[{n}]" for n in range(self.N)])
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "N": self.N, "weights": self.weights.tolist()}
+
+    def resolve(self, states, model, dtype) -> AffineSlice:
+        ings = _cast(states, dtype)
+        w = self.weights
+        excess = w.sum(1) - 1.0
+        excess[np.abs(excess) <= 1e-12] = 0.0  # summing to 1 up to the rounding of the sum itself
+        dirs = [_sub(s, ings[0]) for s in ings[1:]]
+        coefs = w[:, 1:]
+        if np.any(excess != 0.0) or not dirs:  # ingredient 0 itself as a direction: rows summing to s != 1
+            dirs.append({k: ings[0][k] for k in _float_keys(ings[0])})
+            coefs = np.concatenate([coefs, excess[:, None]], axis=1)
+        hit = _one_hot_rows(w)
+        anchors, idx, coefs = _with_exact_anchors(ings[0], ings[1:], np.where(hit >= 1, hit - 1, -1), coefs)
+        coefs[hit == 0] = 0.0  # ingredient 0 is the base anchor
+        return _build(self.kind, anchors, dirs, idx, torch.from_numpy(coefs), w,
+                      tuple(f"w_{n}" for n in range(self.N)), dtype, info={"N": self.N})
+
+
 def as_slice(ckpts, alphas) -> Slice:
     """``sweep``'s ``ckpts`` argument as a :class:`Slice`: a Slice as is, or a pair of checkpoints (a line)."""
     if isinstance(ckpts, Slice):
@@ -397,5 +603,5 @@ def as_slice(ckpts, alphas) -> Slice:
         return Line(ckpts[0], ckpts[1]).with_default_coords(alphas)
     raise TypeError(
         "ckpts must be a pair (theta_a, theta_b) for a line, or a slice object "
-        "(lerpfast.Line, Bilinear, Barycentric, Ray, RandomDirections); "
+        "(lerpfast.Line, Bilinear, Barycentric, Ray, RandomDirections, TaskVectors, Soup); "
         f"got {type(ckpts).__name__}" + (f" of length {len(ckpts)}" if isinstance(ckpts, (list, tuple)) else ""))

@@ -25,13 +25,49 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PointMetrics", "METRIC_NAMES", "default_loss"]
+__all__ = ["PointMetrics", "METRIC_NAMES", "default_loss", "call_loss_fn"]
 
 METRIC_NAMES = ("loss", "error", "top5_error", "distance", "disagreement")
 
 
 def default_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, target, reduction="none")
+
+
+def _loss_fn_name(loss_fn: Callable) -> str:
+    return getattr(loss_fn, "__qualname__", None) or getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
+
+
+def call_loss_fn(loss_fn: Callable, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``loss_fn(logits, target)`` under the contract of ``sweep(loss_fn=...)``, its result checked.
+
+    Parameters
+    ----------
+    loss_fn : the user's loss.
+    logits : (R, C) float64: R rows (the K points' samples stacked point by point, and for sequence outputs every
+        position of a sample) of C logits each.
+    target : (R,) the target of each row (class indices, or values for a regression).
+
+    Returns
+    -------
+    The R per-row losses (a tensor of shape (R,), or (R, 1)).
+
+    Raises
+    ------
+    ValueError
+        ``loss_fn`` returned anything else (a scalar from a ``reduction='mean'`` loss, a (B, T) array of a sequence
+        loss): the message names ``loss_fn``, the shape it returned and the shape it must return.
+    """
+    R = logits.shape[0]
+    loss = loss_fn(logits, target)
+    shape = tuple(loss.shape) if torch.is_tensor(loss) else None
+    if shape not in ((R,), (R, 1)):
+        got = f"shape {shape}" if shape is not None else f"a {type(loss).__name__}"
+        raise ValueError(
+            f"loss_fn {_loss_fn_name(loss_fn)} returned {got} for logits of shape {tuple(logits.shape)} and targets "
+            f"of shape {tuple(target.shape)}: it must return one loss per row, a tensor of shape ({R},) "
+            f"(e.g. F.cross_entropy(logits, target, reduction='none')); lerpfast averages them itself")
+    return loss
 
 
 def _fused(logits: torch.Tensor) -> bool:
@@ -114,8 +150,8 @@ class PointMetrics:
             tk = t.reshape(1, n, 1).expand(K, n, 1)
             zt = z.gather(-1, tk)  # (K, N, 1): the target's logit
         if self.custom_loss:
-            loss = self.loss_fn(z.reshape(K * n, C), t.repeat(K))
-            s["loss"] += loss.reshape(K, -1).double().sum(1)
+            loss = call_loss_fn(self.loss_fn, z.reshape(K * n, C), t.repeat(K))
+            s["loss"] += loss.reshape(K, n).double().sum(1)
         if not self.custom_loss or ref_logits is not None:
             zmax = z.amax(-1, keepdim=True)
             e = torch.exp(z - zmax)

@@ -8,6 +8,7 @@
   for comparison (Goodfellow et al., Fig. 13 / Fig. 11);
 * :func:`plot_functional` — functional distance and disagreement along a path (Im et al., Table 1);
 * :func:`plot_ray` — loss along a ray in absolute distance with the basin width (Im et al., Fig. 6);
+* :func:`plot_points` — metrics against the point index (soups, task vectors with one lambda per task);
 * :func:`plot_store` — every default figure of every sweep in a result file (what ``lerpfast plot`` does).
 
 Figures are built with matplotlib's object API (``matplotlib.figure.Figure``), never pyplot: no global
@@ -33,6 +34,7 @@ __all__ = [
     "plot_trajectory",
     "plot_functional",
     "plot_ray",
+    "plot_points",
     "plot_store",
     "save",
     "group_replicates",
@@ -53,6 +55,15 @@ COORD_LABELS = {"alpha": r"$\alpha$", "beta": r"$\beta$", "lambda": r"distance $
 
 def _label(name: str, mapping=METRIC_LABELS) -> str:
     return mapping.get(name, name)
+
+
+def _coord_label(res) -> str:
+    """Axis label of a sweep's first coordinate (a task-vector lambda is a scale, a ray's lambda a distance)."""
+    if res is None:
+        return _label("alpha", COORD_LABELS)
+    if getattr(res, "kind", None) == "task_vectors":
+        return r"task-vector scale $\lambda$"
+    return _label(res.coord_names[0], COORD_LABELS)
 
 
 def save(fig: Figure, path: str | os.PathLike, formats: Sequence[str] | None = None, dpi: int = 150) -> list[Path]:
@@ -141,8 +152,7 @@ def plot_lines(curves: Mapping[str, object], metrics: Sequence[str] = ("loss", "
         if logy and metric not in ("error", "top5_error", "disagreement"):
             ax.set_yscale("log")
         first = _as_replicates(next(iter(curves.values())))[0] if curves else None
-        coord = first.coord_names[0] if first is not None else "alpha"
-        ax.set_xlabel(xlabel or _label(coord, COORD_LABELS))
+        ax.set_xlabel(xlabel or _coord_label(first))
         ax.set_ylabel(_label(metric))
         ax.axvline(0.0, color="0.7", lw=0.6, zorder=0)
         ax.axvline(1.0, color="0.7", lw=0.6, zorder=0)
@@ -400,6 +410,36 @@ def plot_ray(res, metric: str = "loss", *, threshold: float | None = None, relat
     return fig
 
 
+def plot_points(res, metrics: Sequence[str] = ("loss", "error"), *, title: str | None = None,
+                figsize: tuple[float, float] | None = None) -> Figure:
+    """Metrics against the point index, for sweeps whose points are neither a line nor a grid (a soup's weight
+    rows, task vectors with one lambda per task): one panel per metric, the best point marked.
+
+    Parameters
+    ----------
+    res : SweepResult
+    metrics : one panel per metric (those the sweep recorded).
+    """
+    metrics = [m for m in metrics if m in res.metrics]
+    fig = Figure(figsize=figsize or (4.2 * max(1, len(metrics)), 3.4), layout="constrained")
+    axes = fig.subplots(1, max(1, len(metrics)), squeeze=False)[0]
+    k = np.arange(res.K)
+    for ax, metric in zip(axes, metrics):
+        v = np.asarray(res.metrics[metric], dtype=np.float64)
+        ax.plot(k, v, "o-", color="C0", lw=1.0, ms=3)
+        if np.isfinite(v).any():
+            best = int(np.nanargmin(v))
+            ax.plot([best], [v[best]], "*", color="C3", ms=10,
+                    label="best: " + ", ".join(f"{n}={c:.3g}" for n, c in zip(res.coord_names[:4], res.coords[best]))
+                    + (", ..." if len(res.coord_names) > 4 else ""))
+            ax.legend(fontsize="x-small", frameon=False)
+        ax.set_xlabel("point k")
+        ax.set_ylabel(_label(metric))
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or f"{res.kind}: {res.K} points of {len(res.coord_names)} coordinates")
+    return fig
+
+
 # --------------------------------------------------------------------------------------------------
 # Figures for a whole store
 
@@ -434,7 +474,9 @@ def plot_store(path: str | os.PathLike, out_dir: str | os.PathLike, *, names: Se
       functional distance / disagreement overlay when recorded (``functional.*``), and, when the names
       carry a starting iteration (``t=<int>``), the maximum increase against t (``max_increase.*``);
     * grid sweeps: contour and surface of the loss and contour of the error (``<name>_loss_contour.*``, ...);
-    * rays: loss along the ray with the basin width (``<name>_ray.*``).
+    * rays: loss along the ray with the basin width (``<name>_ray.*``);
+    * other sweeps of several coordinates (soups, task vectors with one lambda per task): loss and error against
+      the point index (``<name>_points.*``).
 
     Returns
     -------
@@ -448,7 +490,7 @@ def plot_store(path: str | os.PathLike, out_dir: str | os.PathLike, *, names: Se
     results = {n: store.read(n) for n in names}
     out_dir = Path(out_dir)
     written: list[Path] = []
-    lines = {n: r for n, r in results.items() if r.grid_shape is None and r.kind != "ray"}
+    lines = {n: r for n, r in results.items() if r.grid_shape is None and r.kind != "ray" and r.coords.shape[1] == 1}
     if lines:
         groups = group_replicates(lines)
         curves = {label: [lines[n] for n in members] for label, members in groups.items()}
@@ -481,4 +523,6 @@ def plot_store(path: str | os.PathLike, out_dir: str | os.PathLike, *, names: Se
                 written += save(plot_plane(r, "error", kind="contour"), out_dir / f"{safe}_error_contour", formats)
         elif r.kind == "ray":
             written += save(plot_ray(r), out_dir / f"{safe}_ray", formats)
+        elif r.grid_shape is None and r.coords.shape[1] > 1:  # soups, one lambda per task
+            written += save(plot_points(r), out_dir / f"{safe}_points", formats)
     return written

@@ -53,8 +53,10 @@ def compute(model, aff, batches, loss_fn, device: torch.device, dtype: torch.dty
         with torch.inference_mode():
             z = forward(net, x)
             y = y.to(device)
-            if loss_fn is not None:
-                loss = loss_fn(z, y)
+            if loss_fn is not None:  # called as the sweep's metrics call it (lerpfast.metrics.call_loss_fn)
+                from lerpfast.metrics import call_loss_fn
+
+                loss = call_loss_fn(loss_fn, z.reshape(-1, z.shape[-1]).double(), y.reshape(-1))
             else:
                 zz = z.reshape(-1, z.shape[-1])
                 loss = torch.nn.functional.cross_entropy(zz.double(), y.reshape(-1), reduction="none")

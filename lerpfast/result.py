@@ -15,8 +15,8 @@ class SweepResult:
 
     Attributes
     ----------
-    kind : "line", "bilinear", "barycentric", "ray" or "random".
-    coords : (K, D) user coordinates (alpha; alpha, beta; lambda; x, y).
+    kind : "line", "bilinear", "barycentric", "ray", "random", "task_vectors" or "soup".
+    coords : (K, D) user coordinates (alpha; alpha, beta; lambda; x, y; lambda_0..lambda_{J-1}; w_0..w_{N-1}).
     coord_names : names of the D coordinates.
     metrics : name -> (K,) float64 array (NaN where a point is not computed yet).
     meta : JSON-serializable description (slice, checkpoints, BN policy, precision, data, paths, timings).
@@ -36,7 +36,8 @@ class SweepResult:
 
     @property
     def alphas(self) -> np.ndarray:
-        """The first coordinate (alpha for lines, lambda for rays, x for random directions)."""
+        """The first coordinate (alpha for lines, lambda for rays and shared-lambda task vectors, x for random
+        directions)."""
         return self.coords[:, 0]
 
     @property

@@ -102,19 +102,46 @@ def combine_one(anchor: torch.Tensor, dirs: list[torch.Tensor] | torch.Tensor | 
     return out
 
 
+#: From this many directions on, :func:`combine` on a CPU is one (K x J) @ (J x numel) product added to the gathered
+#: anchors instead of 2J passes over (K, numel) (benchmarks/bench_many_dirs.py: 13x at J = 4, 27x at J = 16 for a
+#: 1024 x 1024 Linear, K = 11, one thread). Below it the loop stays: it is bit-identical to the fused kernels
+#: (Triton, csrc), which take J <= 3.
+MATMUL_MIN_J = 4
+
+
+def _ieee_fp32_matmul(device: torch.device) -> bool:
+    """Whether fp32 matmuls on ``device`` are exact fp32 (no TF32 / bf16 shortcut a user may have switched on)."""
+    if device.type != "cpu" or torch.get_float32_matmul_precision() != "highest":
+        return False
+    mkl = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    prec = getattr(mkl, "fp32_precision", None)
+    return not isinstance(prec, str) or prec in ("", "none", "ieee")
+
+
 def combine(anchors: torch.Tensor, dirs: torch.Tensor | None, anchor_idx: torch.Tensor,
             coefs: torch.Tensor) -> torch.Tensor:
     """K points of one tensor: (K, *S) with ``W_k = anchors[idx_k] + sum_j coefs[k, j] * dirs[j]``.
 
-    The sum runs over j in order with one rounding per term, exactly as :func:`combine_one` does, so the
-    engine and the per-point oracle build bit-identical weights.
+    With J < :data:`MATMUL_MIN_J` directions (or off the CPU) the sum runs over j in order with one rounding per
+    term, exactly as :func:`combine_one` and the fused kernels do. With more, on a CPU, the directions are summed
+    by one ``addmm`` over the flattened tensor (no autocast, exact fp32 matmul only): the same value up to
+    rounding, ~J times less memory traffic. Either way a point with all coefficients 0 is its anchor bit for bit
+    (``a + 0 = a``), and the per-point oracle (:meth:`lerpfast.geometry.AffineSlice.state_dict`, ``method="loop"``)
+    builds its weights with this same function.
     """
     out = anchors.index_select(0, anchor_idx)  # (K, *S)
     if dirs is None or coefs.shape[1] == 0:
         return out
-    view = (coefs.shape[0],) + (1,) * (anchors.dim() - 1)
     coefs = coefs.to(anchors.dtype)
-    for j in range(coefs.shape[1]):
+    J = coefs.shape[1]
+    if (J >= MATMUL_MIN_J and anchors.dtype in (torch.float32, torch.float64) and dirs.dtype == anchors.dtype
+            and _ieee_fp32_matmul(anchors.device)):
+        with torch.autocast("cpu", enabled=False):
+            flat = out.reshape(out.shape[0], -1)  # a fresh tensor: summed into in place
+            flat.addmm_(coefs, dirs.reshape(J, -1))
+        return out
+    view = (coefs.shape[0],) + (1,) * (anchors.dim() - 1)
+    for j in range(J):
         out = out + coefs[:, j].reshape(view) * dirs[j]
     return out
 
@@ -146,6 +173,15 @@ def _bank(w: ParamSlice, pts: Points) -> tuple[torch.Tensor, torch.Tensor]:
             mix[:, used.numel():] = pts.coefs.to(mix)
         pts._cache[key] = mix
     return bank, mix
+
+
+def _basis_pays(w: ParamSlice, pts: Points) -> bool:
+    """Whether a shared input is cheaper in the basis form (the rows times each used anchor and each direction, T
+    products) than times the K points' own weights (K products, plus building them): T <= K. Task vectors over
+    16 tasks at K = 11 have T = 17 (benchmarks/bench_many_dirs.py: the basis form 1.4x slower there)."""
+    used, _ = pts.used_anchors()
+    T = used.numel() + (pts.J if w.dirs is not None else 0)
+    return T <= pts.K
 
 
 def _mix(mix: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -231,12 +267,15 @@ def lerp_linear(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Point
     -------
     (K, N, out)
     """
-    if shared_input:
+    if shared_input and _basis_pays(w, pts):
         # The same N rows for every point: x @ anchor^T and x @ dir_j^T once (|anchors| + J GEMMs over N rows
         # instead of K), then one small GEMM mixes them per point. LeNet-300-100's first layer is 88 % of its FLOPs.
         bank, mix = _bank(w, pts)  # (T, out, in), (K, T)
         y = torch.matmul(x, bank.to(x.dtype).transpose(-1, -2))  # (T, N, out)
         out = _mix(mix, y)
+    elif shared_input:  # more tensors in the basis than points (many directions): the K weights, the rows once
+        weight = combine(w.anchors, w.dirs, pts.anchor_idx, pts.coefs)  # (K, out, in)
+        out = torch.matmul(x, weight.to(x.dtype).transpose(-1, -2))  # (N, in) @ (K, in, out) -> (K, N, out)
     else:
         weight = cpu_cached(pts, ("linear", id(w.anchors), x.dtype), x.device,
                             lambda: combine(w.anchors, w.dirs, pts.anchor_idx, pts.coefs).to(x.dtype))  # (K, out, in)
@@ -269,8 +308,12 @@ def lerp_conv(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Points,
     K = pts.K
     if shared_input:
         # Convolution is linear in the weights: convolve the N shared rows with the used anchors and the J
-        # directions once, then mix per point with one small GEMM.
-        bank, mix = _bank(w, pts)  # (T, O, C/g, *k), (K, T)
+        # directions once, then mix per point with one small GEMM. With more of them than points (many
+        # directions), convolve the rows once with the K points' own weights instead.
+        if _basis_pays(w, pts):
+            bank, mix = _bank(w, pts)  # (T, O, C/g, *k), (K, T)
+        else:
+            bank, mix = combine(w.anchors, w.dirs, pts.anchor_idx, pts.coefs), None  # (K, O, C/g, *k)
         T, n_out = bank.shape[:2]
         if groups == 1:  # one ordinary conv with T*O output channels
             y = conv(x, bank.reshape(T * n_out, *bank.shape[2:]).to(x.dtype), None, stride, padding, dilation)
@@ -278,7 +321,7 @@ def lerp_conv(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Points,
         else:
             xt = x.unsqueeze(0).expand(T, *x.shape)
             y = _grouped(conv, xt, bank.to(x.dtype), None, stride, padding, dilation, groups)  # (T, N, O, *sp)
-        out = _mix(mix, y)
+        out = y if mix is None else _mix(mix, y)
     elif x.device.type == "cpu":
         return conv_per_point(x, w, b, pts, stride, padding, dilation, groups)
     else:
