@@ -238,3 +238,52 @@ def test_multihead_attention_native(batch_first, cross, masks, weights):
     a, b = _pair(lambda: Attn(batch_first, cross, masks, weights))
     res = _check(a, b, _data())
     assert res.meta["paths"]["attn"] == "native:MultiheadAttention"
+
+
+class Probe(nn.Module):
+    """A frozen backbone (conv + BN, an LSTM on the fallback, a module with its own class token) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")
+        self.bn = nn.BatchNorm2d(8)
+        self.rnn = nn.LSTM(8, 8, batch_first=True)
+        self.tok = TokenMix(8)
+        self.body = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x))).flatten(2).transpose(1, 2)  # (N, 16, 8)
+        h = self.tok(self.rnn(h)[0])
+        return self.head(torch.relu(self.body(h[:, 0])))
+
+
+class TokenMix(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, c))
+
+    def forward(self, h):
+        return torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1)
+
+
+def test_tensors_equal_at_every_point_cost_no_per_point_work(monkeypatch):
+    """Issue 20 part 2: a head-only fine-tune (every backbone tensor equal at both ends): the backbone's layers run
+    as the plain ops (no per-point weights built, no vmap), the numbers equal the loop's."""
+    from lerpfast.engine import functional
+
+    torch.manual_seed(0)
+    a = _randomize(Probe(), 1)
+    b = _randomize(Probe(), 1)
+    with torch.no_grad():
+        b.head.weight.add_(torch.randn_like(b.head.weight))
+        b.body.bias.add_(1.0)  # body: constant weight, changing bias -> the per-point path
+    built = []
+    combine = functional.combine
+    monkeypatch.setattr(functional, "combine", lambda an, *r, **k: (built.append(tuple(an.shape[1:])),
+                                                                   combine(an, *r, **k))[1])
+    res = _check(a, b, _data(), fallback=["rnn"])
+    assert res.meta["paths"]["rnn"].startswith("fallback:LSTM")
+    assert res.meta["paths"]["tok"].startswith("native:TokenMix (own tensors")
+    # only head and body were built per point (their weight and bias shapes), never the frozen backbone's
+    assert set(built) <= {(5, 8), (5,), (8, 8), (8,)} and (5, 8) in built, set(built)

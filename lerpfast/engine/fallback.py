@@ -185,6 +185,9 @@ class FallbackModule(MultiPointLayer):
 
     def forward(self, *args, **kwargs):
         check_calibration(self)
+        const = self.constants()
+        if const is not None:  # the same tensors at every point: the module itself over all K*B rows
+            return functional_call(self.inner, const, args, kwargs)
         K, B = self.ctx.K, self.ctx.batch
         n = K * B
         # (K, *S) each: this module's tensors only, built once per chunk of points and kept for its batches (in

@@ -27,10 +27,21 @@ class ParamSlice:
 
     anchors: torch.Tensor
     dirs: torch.Tensor | None
+    _constant: bool | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def shape(self) -> torch.Size:
         return self.anchors.shape[1:]
+
+    def constant(self) -> bool:
+        """True when the tensor is the same at every point of the slice: every anchor equal (bitwise) and every
+        direction zero (a frozen backbone layer, a zero-shot head, a buffer neither endpoint changed). Checked once
+        per slice (one pass over the tensor)."""
+        if self._constant is None:
+            a, d = self.anchors, self.dirs
+            self._constant = bool((d is None or not bool(d.any()))
+                                  and all(torch.equal(a[0], a[m]) for m in range(1, a.shape[0])))
+        return self._constant
 
     def nbytes(self) -> int:
         n = self.anchors.numel() * self.anchors.element_size()

@@ -114,6 +114,26 @@ class MultiPointLayer(nn.Module):
     def slice(self, key: str) -> ParamSlice | None:
         return self.slices.get(key)
 
+    def constants(self) -> dict[str, torch.Tensor] | None:
+        """This layer's tensors when every one is the same at every point (``ParamSlice.constant``), else None: the
+        layer then runs as the plain op over all K*B rows (once over B when its input is the same for every
+        point), with no per-point weights built. Decided once per slice."""
+        cached = getattr(self, "_constants", None)
+        if cached is not None and cached[0] is self.slices:
+            return cached[1]
+        value = ({k: p.anchors[0] for k, p in self.slices.items()}
+                 if self.slices and all(p.constant() for p in self.slices.values()) else None)
+        self._constants = (self.slices, value)
+        return value
+
+    def _plain(self, x: torch.Tensor, fn) -> torch.Tensor:
+        """``fn(rows)`` on the B shared rows once (repeated to K*B after), or on all K*B rows."""
+        K = self.ctx.K
+        if self.ctx.is_unrepeated(x) or self.ctx.is_shared(x):
+            y = fn(x if self.ctx.is_unrepeated(x) else x[: x.shape[0] // K])
+            return y.repeat(K, *([1] * (y.dim() - 1)))
+        return fn(x)
+
     def build(self, key: str) -> torch.Tensor | None:
         """(K, *S) tensor of this layer for the current points (materialized for this layer only)."""
         p = self.slices.get(key)
@@ -152,6 +172,10 @@ class MPLinear(MultiPointLayer):
             residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:  # (K*B, ..., in)
         """Without the keywords: the layer. With them (engine fusion, see :mod:`lerpfast.engine.fusion`): the layer
         followed by the per-point affine ``bn`` (over the last axis), + ``residual`` (the output's shape), ReLU."""
+        const = self.constants() if bn is None and residual is None and not relu else None
+        if const is not None:  # the same weights at every point: one plain linear, no per-point weights
+            return self._plain(x, lambda r: F.linear(r, const["weight"].to(r.dtype),
+                                                     None if "bias" not in const else const["bias"].to(r.dtype)))
         K, lead = self.ctx.K, x.shape[:-1]
         shared = self.ctx.is_shared(x)
         if self.ctx.is_unrepeated(x):
@@ -205,6 +229,17 @@ class MPConv(MultiPointLayer):
         """Without the keywords: the layer. With them (engine fusion, see :mod:`lerpfast.engine.fusion`): the conv
         followed by the per-point per-channel affine ``bn``, + ``residual`` (the output's shape), ReLU."""
         K = self.ctx.K
+        const = self.constants() if bn is None and residual is None and not relu else None
+        if const is not None:  # the same weights at every point: one plain convolution over the rows
+
+            def plain(r):
+                if self.padding_mode != "zeros":
+                    r = F.pad(r, self.pad, mode=self.padding_mode)
+                return CONV_FN[r.dim() - 2](r, const["weight"].to(r.dtype),
+                                             None if "bias" not in const else const["bias"].to(r.dtype),
+                                             self.stride, self.padding, self.dilation, self.groups)
+
+            return self._plain(x, plain)
         shared = self.ctx.is_shared(x)
         unrepeated = self.ctx.is_unrepeated(x)
         if self.padding_mode != "zeros":
@@ -225,6 +260,9 @@ class MPConv(MultiPointLayer):
                                            self.dilation, self.groups, shared_input=shared, bn=bn,
                                            residual=None if residual is None else _split(residual, K), relu=relu)
         return out.reshape(K * out.shape[1], *out.shape[2:])
+
+
+CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def _tuple(v, n: int) -> tuple:

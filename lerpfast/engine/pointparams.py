@@ -188,9 +188,11 @@ class PointParamsModule(MultiPointLayer):
         check_calibration(self)
         inner = self.inner
         saved = {k: getattr(inner, w)[k] for k, w in self.where.items()}
+        const = self.constants()  # the same tensors at every point: the plain module over all rows
         try:
             for k, w in self.where.items():
-                getattr(inner, w)[k] = PointTensor(self.build(k), self.name, self.ctx)
+                getattr(inner, w)[k] = (const[k] if const is not None
+                                        else PointTensor(self.build(k), self.name, self.ctx))
             out = inner(*args, **kwargs)
         except NeedsFallback:
             raise
