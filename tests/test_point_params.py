@@ -287,3 +287,22 @@ def test_tensors_equal_at_every_point_cost_no_per_point_work(monkeypatch):
     assert res.meta["paths"]["tok"].startswith("native:TokenMix (own tensors")
     # only head and body were built per point (their weight and bias shapes), never the frozen backbone's
     assert set(built) <= {(5, 8), (5,), (8, 8), (8,)} and (5, 8) in built, set(built)
+
+
+def test_transformers_conv1d_native():
+    """transformers' Conv1D (GPT-2's projections, weight (in, out)) runs natively: a shared input (the first layer)
+    and a per-point input, and a frozen (constant) one, against the fp64 loop."""
+    from transformers.pytorch_utils import Conv1D
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.c3 = Conv1D(16, 48), Conv1D(16, 16), Conv1D(5, 16)
+
+        def forward(self, x):
+            return self.c3(torch.relu(self.c2(torch.relu(self.c1(x.flatten(1))))))
+
+    a, b = _pair(Net)
+    b.c2.load_state_dict(a.c2.state_dict())  # c2 frozen: the plain op
+    res = _check(a, b, _data())
+    assert {res.meta["paths"][k] for k in ("c1", "c2", "c3")} == {"native:Conv1D"}

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lerpfast.engine import dispatch
+from lerpfast.engine import dispatch, functional
 from lerpfast.engine.functional import ParamSlice, Points, combine
 from lerpfast.kernels._ref import bn_fold
 
@@ -442,9 +442,41 @@ def _mha_ok(m: nn.MultiheadAttention) -> bool:
             and m.out_proj.bias is not None and type(m.out_proj).forward is nn.Linear.forward)
 
 
+class MPConv1DT(MultiPointLayer):
+    """transformers' ``Conv1D`` (GPT-2's projections): ``x @ weight + bias`` with weight (in, out), per point one
+    batched GEMM over its rows; a shared input is multiplied once per point without the K-fold repeat."""
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:  # (K*B, ..., in)
+        const = self.constants()
+        if const is not None:
+            return self._plain(x, lambda r: torch.addmm(const["bias"].to(r.dtype), r.reshape(-1, r.shape[-1]),
+                                                        const["weight"].to(r.dtype)).reshape(*r.shape[:-1], -1))
+        K = self.ctx.K
+        pts, w, b = self.ctx.pts, self.slices["weight"], self.slices["bias"]
+        weight = functional.cpu_cached(pts, ("conv1d_t", id(w.anchors), x.dtype), x.device,
+                                       lambda: combine(w.anchors, w.dirs, pts.anchor_idx, pts.coefs).to(x.dtype))
+        bias = combine(b.anchors, b.dirs, pts.anchor_idx, pts.coefs).to(x.dtype)  # (K, out)
+        self.ctx.note(weight.numel() * weight.element_size())
+        if self.ctx.is_unrepeated(x) or self.ctx.is_shared(x):
+            rows = x if self.ctx.is_unrepeated(x) else x[: x.shape[0] // K]
+            lead = (K * rows.shape[0], *rows.shape[1:-1])
+            out = torch.baddbmm(bias[:, None, :], rows.reshape(1, -1, rows.shape[-1]).expand(K, -1, -1), weight)
+        else:
+            lead = x.shape[:-1]
+            out = torch.baddbmm(bias[:, None, :], x.reshape(K, -1, x.shape[-1]), weight)  # (K, N, out)
+        return out.reshape(*lead, out.shape[-1])
+
+
+def _conv1d_t_ok(m: nn.Module) -> bool:
+    w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+    return (isinstance(w, torch.Tensor) and w.dim() == 2 and isinstance(b, torch.Tensor)
+            and getattr(m, "nf", None) == w.shape[1] and not list(m.children()))
+
+
 # layers known by class name (their packages are not imported here): name -> (layer, check, required base class)
 NATIVE_BY_NAME: dict[str, tuple[type, callable, type]] = {
     "BatchNormAct2d": (MPBatchNormAct, _bn_act_ok, nn.modules.batchnorm._BatchNorm),
+    "Conv1D": (MPConv1DT, _conv1d_t_ok, nn.Module),
 }
 
 

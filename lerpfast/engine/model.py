@@ -93,7 +93,8 @@ def logits_of(out, output=None):
 # transformers' Conv1D flattens its input's leading axes before its addmm (which rows belong to which point is
 # then unknowable: see engine.pointparams); torchvision's Swin attention passes its qkv / proj children's weights to
 # a function
-_OWN_FORWARD_UNSUPPORTED_NAMES = {"Conv1D", "ShiftedWindowAttention", "ShiftedWindowAttentionV2"}
+_OWN_FORWARD_UNSUPPORTED_NAMES = {"Conv1D", "ShiftedWindowAttention", "ShiftedWindowAttentionV2"}  # (Conv1D: when
+# its layout is not the one engine.layers.MPConv1DT takes)
 
 
 def _own_forward_unsupported(module: nn.Module) -> bool:
