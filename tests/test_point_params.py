@@ -306,3 +306,57 @@ def test_transformers_conv1d_native():
     b.c2.load_state_dict(a.c2.state_dict())  # c2 frozen: the plain op
     res = _check(a, b, _data())
     assert {res.meta["paths"][k] for k in ("c1", "c2", "c3")} == {"native:Conv1D"}
+
+
+class ShiftedWindowAttention(nn.Module):
+    """A window attention in the manner of torchvision's Swin (the engine knows it by name): its forward hands its
+    children's weights to a function and works on windows, a multiple of the batch's rows. Also gathers from its own
+    tables with index buffers, one of them with a multiple of K*B entries (a constant, never split by point)."""
+
+    def __init__(self, c=8, heads=2):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
+        self.table = nn.Parameter(torch.randn(7, heads))
+        self.register_buffer("index", torch.randint(0, 7, (16,)))
+        self.table2 = nn.Parameter(torch.randn(5))
+        self.register_buffer("index2", torch.randint(0, 5, (24,)))  # 24 = 2 x (K*B) in the test
+        self.heads = heads
+
+    def forward(self, x):  # (N, 4, 4, C): 2x2 windows of 2x2 tokens
+        bias = self.table[self.index].reshape(4, 4, -1).permute(2, 0, 1) * self.table2[self.index2].mean()
+        return window_attention(x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias, bias,
+                                self.heads)
+
+
+def window_attention(x, wq, bq, wp, bp, bias, heads):
+    n, h, w, c = x.shape
+    win = x.reshape(n, 2, 2, 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(n * 4, 4, c)  # (N*windows, tokens, C)
+    q, k, v = F.linear(win, wq, bq).reshape(n * 4, 4, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    attn = (q @ k.transpose(-2, -1)) * (c // heads) ** -0.5 + bias.unsqueeze(0)
+    out = (attn.softmax(-1) @ v).transpose(1, 2).reshape(n * 4, 4, c)
+    out = F.linear(out, wp, bp)
+    return out.reshape(n, 2, 2, 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(n, h, w, c)
+
+
+class SwinToy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 1)
+        self.attn = ShiftedWindowAttention()
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):  # (N, 3, 4, 4)
+        h = self.embed(x).permute(0, 2, 3, 1)
+        return self.head((h + self.attn(h)).mean((1, 2)))
+
+
+def test_window_attention_runs_whole_with_its_tensors_per_point():
+    a, b = _pair(SwinToy)
+    x, y = _data(n=4, size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # K = 5 points + the reference = 6, batches of 2: K*B = 12, and index2 has 24 entries
+        res = sweep(a, (a, b), ALPHAS, (x, y), precision="fp64", batch_size=2, progress=False)
+    ref = sweep(a, (a, b), ALPHAS, (x, y), precision="fp64", batch_size=2, progress=False, method="loop")
+    np.testing.assert_allclose(res.loss, ref.loss, rtol=1e-10, atol=0)
+    assert res.meta["paths"]["attn"] == "native:ShiftedWindowAttention (its tensors per point)"

@@ -37,6 +37,7 @@ ZOO = {  # name: (builder, image size)
     "convnext_tiny": (lambda: M.convnext_tiny(num_classes=10), 32),
     "vit (2 layers)": (_vit, 32),
     "swin_t": (lambda: M.swin_t(num_classes=10), 32),
+    "swin_v2_t": (lambda: M.swin_v2_t(num_classes=10), 32),
     "densenet121": (lambda: M.densenet121(num_classes=10), 32),
     "inception_v3": (lambda: M.inception_v3(num_classes=10, aux_logits=False, init_weights=True), 80),
     # timm: the ImageNet models of current work, built small (random init: pretrained=False downloads nothing)

@@ -31,6 +31,9 @@ class PointContext:
     unrepeated: list[torch.Tensor] = field(default_factory=list)
     calibrate: bool = False  # "recompute" BN policy: accumulate per-point batch statistics
     max_materialized: int = 0  # largest per-layer K-point weight tensor built (bytes), for memory checks
+    # during a trusted module's call (engine.pointparams, whole=True): ids of its constant buffers; tensors with a
+    # multiple of K*B rows are then point-major activations
+    row_multiple: set | None = None
     stats: dict = field(default_factory=dict)
 
     @property

@@ -93,8 +93,10 @@ def logits_of(out, output=None):
 # transformers' Conv1D flattens its input's leading axes before its addmm (which rows belong to which point is
 # then unknowable: see engine.pointparams); torchvision's Swin attention passes its qkv / proj children's weights to
 # a function
-_OWN_FORWARD_UNSUPPORTED_NAMES = {"Conv1D", "ShiftedWindowAttention", "ShiftedWindowAttentionV2"}  # (Conv1D: when
-# its layout is not the one engine.layers.MPConv1DT takes)
+_OWN_FORWARD_UNSUPPORTED_NAMES = {"Conv1D"}  # (when its layout is not the one engine.layers.MPConv1DT takes)
+# modules run whole with all their tensors per point, trusting every tensor with a multiple of K*B rows in their
+# forward to be point-major (torchvision's Swin window attention: windows of a point's rows stay in its block)
+_WHOLE_POINT_PARAMS = {"ShiftedWindowAttention", "ShiftedWindowAttentionV2"}
 
 
 def _own_forward_unsupported(module: nn.Module) -> bool:
@@ -203,6 +205,10 @@ class MultiPointModel(nn.Module):
             new = native[0](self.ctx, name, self._tensors(name, direct=not getattr(native[0], "whole", False)),
                             module)
             self.paths[name] = f"native:{typ.__name__}"
+        elif not forced and self.point_params and typ.__name__ in _WHOLE_POINT_PARAMS:
+            # its forward hands its children's weights to a function: all of them per point, children unconverted
+            new = PointParamsModule(self.ctx, name, self._tensors(name, direct=False), module, whole=True)
+            self.paths[name] = f"native:{typ.__name__} (its tensors per point)"
         elif direct and not forced and self.point_params and not _own_forward_unsupported(module):
             # its own tensors per point (PointTensors), its children converted like everything else
             new = PointParamsModule(self.ctx, name, direct, module)

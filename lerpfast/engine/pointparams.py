@@ -97,18 +97,22 @@ def _apply(func, args, kwargs):
         out = _layer_norm(args, kwargs, K, N)
         if out is not None:
             return out
-    is_act = [torch.is_tensor(v) and not isinstance(v, PointTensor) and v.dim() >= 1 and v.shape[0] == N
+    # trusted (a module whose every row-multiple tensor derives from its input: Swin's window attention, where the
+    # windows of each point's rows stay together, point-major): a first axis that is a multiple of K*B is point-major
+    trusted = ctx.row_multiple
+    is_act = [torch.is_tensor(v) and not isinstance(v, PointTensor) and v.dim() >= 1 and v.shape[0] > 0
+              and (v.shape[0] == N or (trusted is not None and v.shape[0] % N == 0 and id(v) not in trusted))
               for v in flat]
     acts = any(is_act)
-    if N > 1 and any(torch.is_tensor(v) and not isinstance(v, PointTensor) and not a
+    if N > 1 and trusted is None and any(torch.is_tensor(v) and not isinstance(v, PointTensor) and not a
                      and any(d % N == 0 for d in v.shape) for v, a in zip(flat, is_act)):
         # an axis that is a multiple of K*B other than a first axis of exactly K*B rows: a sequence-first activation,
         # or one whose leading axes were flattened together (transformers' Conv1D: x.view(-1, d)); which rows belong
         # to which point is not knowable here, and guessing could be silently wrong
         raise NeedsFallback(owner, f"{name or func}: an input whose batch axis is not its first axis of K*B rows")
     pos = [i for i, v in enumerate(flat) if isinstance(v, PointTensor) or is_act[i]]
-    values = [(_plain(flat[i]) if isinstance(flat[i], PointTensor) else flat[i].reshape(K, B, *flat[i].shape[1:]))
-              for i in pos]
+    values = [(_plain(flat[i]) if isinstance(flat[i], PointTensor)
+               else flat[i].reshape(K, flat[i].shape[0] // K, *flat[i].shape[1:])) for i in pos]
 
     def one(*tensors):
         vals = list(flat)
@@ -123,7 +127,7 @@ def _apply(func, args, kwargs):
         raise NeedsFallback(owner, f"{name or func} on its own tensors failed under vmap ({type(e).__name__}: "
                                    f"{str(e).splitlines()[0][:200]})") from e
     if acts:
-        return tree_map(lambda t: t.reshape(N, *t.shape[2:]) if torch.is_tensor(t) else t, out)
+        return tree_map(lambda t: t.reshape(t.shape[0] * t.shape[1], *t.shape[2:]) if torch.is_tensor(t) else t, out)
     return tree_map(lambda t: PointTensor(t, owner, ctx) if torch.is_tensor(t) else t, out)
 
 
@@ -179,20 +183,28 @@ class PointParamsModule(MultiPointLayer):
 
     path = "native-params"
 
-    def __init__(self, ctx, name, tensors, source):
+    def __init__(self, ctx, name, tensors, source, whole: bool = False):
         super().__init__(ctx, name, tensors, source)
         self.inner = source
-        self.where = {k: ("_parameters" if k in source._parameters else "_buffers") for k in tensors}
+        # whole: the module's children's tensors are its own too (its forward reads them: Swin's window attention),
+        # and tensors with a multiple of K*B rows are trusted to be point-major activations during its call
+        self.whole = whole
+        self.where = {}
+        for k in tensors:
+            owner_name, _, attr = k.rpartition(".")
+            owner = source.get_submodule(owner_name) if owner_name else source
+            self.where[k] = (owner, "_parameters" if attr in owner._parameters else "_buffers", attr)
 
     def forward(self, *args, **kwargs):
         check_calibration(self)
         inner = self.inner
-        saved = {k: getattr(inner, w)[k] for k, w in self.where.items()}
+        saved = {k: getattr(o, d)[a] for k, (o, d, a) in self.where.items()}
         const = self.constants()  # the same tensors at every point: the plain module over all rows
+        if self.whole:
+            self.ctx.row_multiple = {id(b) for b in inner.buffers()}  # its own constant buffers are never rows
         try:
-            for k, w in self.where.items():
-                getattr(inner, w)[k] = (const[k] if const is not None
-                                        else PointTensor(self.build(k), self.name, self.ctx))
+            for k, (o, d, a) in self.where.items():
+                getattr(o, d)[a] = const[k] if const is not None else PointTensor(self.build(k), self.name, self.ctx)
             out = inner(*args, **kwargs)
         except NeedsFallback:
             raise
@@ -201,8 +213,9 @@ class PointParamsModule(MultiPointLayer):
                 raise NeedsFallback(self.name, str(e)) from e
             raise
         finally:
-            for k, w in self.where.items():
-                getattr(inner, w)[k] = saved[k]
+            self.ctx.row_multiple = None
+            for k, (o, d, a) in self.where.items():
+                getattr(o, d)[a] = saved[k]
         leaves, _ = tree_flatten(out)
         if any(isinstance(v, PointTensor) for v in leaves):
             raise NeedsFallback(self.name, "its output is computed from its own tensors alone (no batch axis)")
