@@ -280,8 +280,9 @@ def plot_wiseft(result: MergeResult, metric: str = "error", *, id: str | None = 
         alphas = curves[id].alphas
         sc = ax2.scatter(x, y, c=alphas, cmap="viridis", s=18, zorder=3)
         ax2.plot(x, y, color="0.7", lw=1, zorder=2)
-        for i in (0, len(alphas) - 1):
-            ax2.annotate(f"alpha={alphas[i]:g}", (x[i], y[i]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        for i, dx, ha in ((0, 6, "left"), (len(alphas) - 1, -6, "right")):  # inside the axes at either end
+            ax2.annotate(f"alpha={alphas[i]:g}", (x[i], y[i]), fontsize=8, xytext=(dx, 6), textcoords="offset points",
+                         ha=ha)
         fig.colorbar(sc, ax=ax2, label="alpha")
         ax2.set_xlabel(f"{id} {ylabel}")
         ax2.set_ylabel(f"mean {ylabel} of {', '.join(shift)}")

@@ -455,3 +455,54 @@ def test_cli_errors_are_one_line_with_exit_codes(files, tmp_path, capsys):
         lines = cap.err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("lerpfast: error: "), cap.err
         assert re.search(pattern, lines[0]), lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The README's workflow block and docs/merging.md's example
+
+
+def test_readme_workflow_block_runs(monkeypatch, tmp_path):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    first, second = re.findall(r"```python\n(.*?)```", text[text.index("## Merging"):], re.S)[:2]
+    assert "lerpfast.merge.task_arithmetic" in second
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(first, "README.md:Merging", "exec"), ns)
+    exec(compile(second, "README.md:Merging workflows", "exec"), ns)
+    ta, greedy, wft = ns["ta"], ns["greedy"], ns["wft"]
+    assert len(ta.choice["lambdas"]) == 3 and ta.meta["search"] == "coordinate"
+    assert ta.choice["value"] <= float(ta.results["task_arithmetic.shared"].error.min())
+    assert greedy.choice["ingredients"] and set(greedy.choice["ingredients"]) <= {0, 1, 2}
+    assert list(wft.results) == ["wiseft.val", "wiseft.rest"] and 0.0 <= wft.choice["alpha"] <= 1.0
+    sd = ns["model"].state_dict()
+    assert all(torch.equal(sd[k], ta.state_dict[k]) for k in sd)
+
+
+def test_docs_example_quick_run(tmp_path):
+    """scripts/merging_example.py on digits (the docs' figures are the Fashion-MNIST run of the same script)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "merging_example.py"
+    spec = importlib.util.spec_from_file_location("merging_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "ex"
+    summary = mod.run(["--data", "digits", "--quick", "--out", str(out)])
+    for f in ("wiseft.png", "task_arithmetic.png"):
+        assert (out / f).stat().st_size > 10_000, f
+    w = summary["wiseft"]["accuracy"]
+    # the trade-off: the first task is forgotten along alpha, the second learned
+    assert w["task A (0-4)"][0] > 0.9 > 0.1 > w["task A (0-4)"][-1]
+    assert w["task B (5-9)"][-1] > 0.9 > 0.1 > w["task B (5-9)"][0]
+    acc = summary["wiseft"]["test_accuracy_all_classes"]
+    assert acc["chosen"] > max(acc["zero_shot"], acc["fine_tuned"])  # the ensemble beats both ends on all classes
+    ta = summary["task_arithmetic"]
+    accs = ta["test_accuracy_all_classes"]
+    assert len(ta["lambdas"]) == 16 and accs["shared"] > accs["base"]
+    with ResultStore(out / "results.h5", "r") as rs:
+        names = rs.names()
+    assert {"wiseft.held-out", "ta", "ta-coord.shared"} <= set(names)
