@@ -10,8 +10,9 @@ given, one named sweep per step and data set, so a re-run resumes) and the recor
 >>> r = lerpfast.merge.task_arithmetic(model, pretrained, [ft_a, ft_b, ft_c], validation, lambdas="0:1:11")
 >>> model.load_state_dict(r.state_dict)
 
-Several data sets (WiSE-FT's in-distribution and shifted test sets) are evaluated by one sweep each: every set is
-read once for all K points, the sets one after another (``sweep`` takes one data set per call).
+Several data sets (WiSE-FT's in-distribution and shifted test sets) are evaluated by one ``sweep(...,
+data={name: data, ...})`` call: every set is read once for all K points, the sets one after another, each stored as
+its own sweep.
 
 Selection minimizes ``metric`` (``"error"``, i.e. maximizes accuracy, as the papers do; or ``"loss"``); ties go to
 the earliest candidate in the order each workflow documents.
@@ -218,11 +219,9 @@ def wiseft(model: nn.Module, zero_shot, fine_tuned, datasets, alphas="0:1:11", *
     elif select not in sets:
         raise ValueError(f"select={select!r}: not one of the data sets ({', '.join(map(repr, sets))}); give the name "
                          "of the data set alpha is chosen on, or a number (a fixed alpha)")
-    results: dict[str, SweepResult] = {}
-    for dname, data in sets.items():
-        sname = _sweep_name(name, dname)
-        results[sname] = sweep(model, Line(zero_shot, fine_tuned, grid), data=data, store=store, name=sname,
-                               labels=["zero_shot", "fine_tuned"], **kw)
+    per_set = sweep(model, Line(zero_shot, fine_tuned, grid), data=sets, store=store, name=_sweep_name(name, None),
+                    labels=["zero_shot", "fine_tuned"], **kw)
+    results = {_sweep_name(name, d): r for d, r in per_set.items()}
     if fixed is None:
         sel = results[_sweep_name(name, select)]
         i = _argmin(sel.metrics[metric], f"wiseft: data set {select!r}")

@@ -506,3 +506,34 @@ def test_docs_example_quick_run(tmp_path):
     with ResultStore(out / "results.h5", "r") as rs:
         names = rs.names()
     assert {"wiseft.held-out", "ta", "ta-coord.shared"} <= set(names)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sweep(..., data={name: data, ...})
+
+
+def test_sweep_takes_several_data_sets_in_one_call(setup, tmp_path):
+    s = setup
+    store = tmp_path / "d.h5"
+    line = lerpfast.Line(s["pre"], s["ft"], "0:1:6")
+    both = lerpfast.sweep(s["model"], line, data={"low": s["low"], "high": s["high"]}, store=store, name="two")
+    assert list(both) == ["low", "high"]
+    for d in ("low", "high"):
+        alone = lerpfast.sweep(s["model"], lerpfast.Line(s["pre"], s["ft"], "0:1:6"), data=s[d])
+        for m in ("loss", "error", "distance", "disagreement"):
+            np.testing.assert_array_equal(both[d].metrics[m], alone.metrics[m])
+        oracle = np.array([_evaluate(s["model"], _lerp(s["pre"], s["ft"], a), s[d]) for a in np.linspace(0, 1, 6)])
+        np.testing.assert_allclose(both[d].loss, oracle[:, 0], rtol=1e-5)
+        assert both[d].meta["data"]["num_samples"] == len(s[d][1])
+    with ResultStore(store, "r") as rs:
+        assert set(rs.names()) == {"two.low", "two.high"}
+    again = lerpfast.sweep(s["model"], line, data={"low": s["low"], "high": s["high"]}, store=store, name="two")
+    assert [r.meta["points_computed"] for r in again.values()] == [0, 0]
+    default = lerpfast.sweep(s["model"], line, data={"low": s["low"]}, store=store)
+    assert list(default) == ["low"] and "sweep.low" in ResultStore(store, "r").names()
+    with pytest.raises(ValueError, match="data: an empty dict"):
+        lerpfast.sweep(s["model"], line, data={})
+    with pytest.raises(ValueError, match="without '/'.*'a/b'"):
+        lerpfast.sweep(s["model"], line, data={"a/b": s["low"]})
+    with pytest.raises(ValueError, match=r"data\['low'\] is None"):
+        lerpfast.sweep(s["model"], line, data={"low": None})
