@@ -255,8 +255,9 @@ def test_soup_of_one_ingredient_is_that_ingredient_and_the_store_resumes(setup, 
 # Task arithmetic
 
 
-def _ta_oracle(s, points):
-    return np.array([_evaluate(s["model"], _task_point(s["base"], s["tasks"], p), s["val"]) for p in points])
+def _ta_oracle(s, points, data=None):
+    data = s["val"] if data is None else data
+    return np.array([_evaluate(s["model"], _task_point(s["base"], s["tasks"], p), data) for p in points])
 
 
 def test_task_arithmetic_shared_lambda_matches_the_hand_oracle(setup):
@@ -297,10 +298,12 @@ def test_task_arithmetic_grid_and_given_points(setup):
     _same_state(one.state_dict, s["tasks"][1], exact=True)
 
 
-def test_task_arithmetic_coordinate_search_matches_the_hand_run(setup):
+@pytest.mark.parametrize("n_val", [180, 12])  # 12 samples: accuracy ties everywhere, moves must strictly improve
+def test_task_arithmetic_coordinate_search_matches_the_hand_run(setup, n_val):
     s = setup
+    val = (s["val"][0][:n_val], s["val"][1][:n_val])
     vals = np.array([0.0, 0.4, 0.8, 1.2])
-    shared = _ta_oracle(s, [[v] * 3 for v in vals])[:, 1]
+    shared = _ta_oracle(s, [[v] * 3 for v in vals], val)[:, 1]
     cur_pt = np.full(3, vals[int(np.argmin(shared))])
     cur = float(shared.min())
     rounds = []
@@ -312,13 +315,13 @@ def test_task_arithmetic_coordinate_search_matches_the_hand_run(setup):
                     c = cur_pt.copy()
                     c[j] = v
                     cands.append(c)
-        e = _ta_oracle(s, cands)[:, 1]
+        e = _ta_oracle(s, cands, val)[:, 1]
         rounds.append(len(cands))
         b = int(np.argmin(e))
         if e[b] >= cur:
             break
         cur_pt, cur = cands[b], float(e[b])
-    r = lerpfast.merge.task_arithmetic(s["model"], s["base"], s["tasks"], s["val"], vals, search="coordinate",
+    r = lerpfast.merge.task_arithmetic(s["model"], s["base"], s["tasks"], val, vals, search="coordinate",
                                        precision="fp64")
     assert r.choice["lambdas"] == cur_pt.tolist() and r.choice["value"] == cur
     assert [res.K for res in r.results.values()] == [4] + rounds
