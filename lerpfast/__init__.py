@@ -13,7 +13,7 @@ from lerpfast._version import __version__
 
 __all__ = [
     "__version__", "sweep", "SweepResult", "Line", "Bilinear", "Barycentric", "Ray", "RandomDirections",
-    "TaskVectors", "Soup", "CheckpointError", "ResultStore", "clear_caches",
+    "TaskVectors", "Soup", "CheckpointError", "ResultStore", "clear_caches", "merge",
 ]
 
 _LAZY = {
@@ -26,6 +26,8 @@ _LAZY = {
 
 
 def __getattr__(name: str):
+    if name == "merge":  # the merging workflows (lerpfast.merge.wiseft, greedy_soup, task_arithmetic)
+        return import_module("lerpfast.merge")
     if name in _LAZY:
         value = getattr(import_module(_LAZY[name]), name)
         globals()[name] = value

@@ -1,6 +1,7 @@
 """``lerpfast``: the command line.
 
-Sub-commands: ``sweep`` (line, bilinear, barycentric, plane, random, ray), ``show``, ``plot``, ``train``,
+Sub-commands: ``sweep`` (line, bilinear, barycentric, plane, random, ray), ``merge`` (wiseft, soup,
+task-arithmetic), ``show``, ``plot``, ``train``,
 ``reproduce``, ``warmup``, ``data``, ``bench``, ``demo``. Options of ``sweep`` are generated from
 :class:`SweepOptions` (field help texts), those of ``train`` from :class:`lerpfast.train.TrainConfig`.
 
@@ -28,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "build_parser", "SweepOptions", "CLIError", "EXIT_OK", "EXIT_USAGE", "EXIT_DATA", "EXIT_STORE"]
+__all__ = ["main", "build_parser", "SweepOptions", "MergeOptions", "CLIError", "EXIT_OK", "EXIT_USAGE", "EXIT_DATA",
+           "EXIT_STORE"]
 
 EXIT_OK, EXIT_USAGE, EXIT_DATA, EXIT_STORE = 0, 2, 3, 4
 
@@ -389,6 +391,269 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# merge
+
+MERGE_KINDS = {
+    # kind: (fewest checkpoints, most (None: any), what they are)
+    "wiseft": (2, 2, "ZERO_SHOT FINE_TUNED: (1-alpha)*zero_shot + alpha*fine_tuned at every alpha, on every "
+                     "--data set (WiSE-FT)"),
+    "soup": (1, None, "INGREDIENT ...: the greedy soup of N ingredients (Wortsman et al. 2022), or --recipe "
+                      "forward"),
+    "task-arithmetic": (2, None, "PRETRAINED FINETUNED ...: pretrained + sum_j lambda_j (finetuned_j - pretrained) "
+                                 "(Ilharco et al. 2023)"),
+}
+
+
+@dataclass
+class MergeOptions:
+    """Options of ``lerpfast merge`` (each field becomes ``--<field-with-dashes>``)."""
+
+    # -- model and checkpoints ------------------------------------------------------------------------------
+    run: str | None = _f(None, "a `lerpfast train` run directory: the model comes from its hparams.json, and "
+                               "checkpoints may be given as steps (0, 1024), 'init' or 'final'")
+    replicate: int = _f(0, "replicate of --run whose checkpoints are used")
+    model: str | None = _f(None, "model name, e.g. lenet_300_100, resnet20, mlp (not needed with --run)")
+    model_options: str = _f("", "model keyword options, e.g. 'widths=(100,)' or 'width=2,bn=False'")
+    # -- data --------------------------------------------------------------------------------------------------
+    data: str | None = _f(None, "data sets NAME[:SPLIT], comma-separated, e.g. digits:test,digits:train. wiseft: "
+                                "every set is evaluated, alpha is chosen on the first (or --select); soup and "
+                                "task-arithmetic: one held-out / validation set. Default: the run's data set")
+    split: str = _f("test", "split of a --data entry without :SPLIT")
+    data_root: str | None = _f(None, "data root (default $LERPFAST_DATA)")
+    limit: int | None = _f(None, "evaluate on only the first N samples of each set")
+    batch_size: int = _f(1000, "evaluation batch size")
+    # -- the workflow ------------------------------------------------------------------------------------------
+    alphas: str = _f("0:1:11", "wiseft: mixing coefficients 'start:stop:num'")
+    select: str | None = _f(None, "wiseft: the --data entry alpha is chosen on (default: the first), or a number: "
+                                  "that fixed alpha")
+    recipe: str = _f("greedy", "soup: greedy (the paper's: ingredients by held-out accuracy, each added if the "
+                               "average does not drop) | forward (every remaining ingredient tried in one pass "
+                               "per step)")
+    lambdas: str = _f("0:1:11", "task-arithmetic: the values tried, 'start:stop:num', or a .npy / .csv file "
+                                "holding a (K, J) matrix: K points, one column per fine-tuned checkpoint")
+    search: str = _f("shared", "task-arithmetic with values: shared (one lambda for every task) | grid (every "
+                               "combination) | coordinate (one task's lambda at a time)")
+    metric: str = _f("error", "what the choice minimizes: error | loss")
+    # -- evaluation --------------------------------------------------------------------------------------------
+    bn: str = _f("interpolate", "batch-norm statistics: interpolate | endpoint | endpoint:I | recompute")
+    precision: str = _f("fp32", "fp32 | tf32 | bf16 | fp64")
+    device: str = _f("auto", "cpu | cuda | cuda:N | auto")
+    points_per_pass: int | None = _f(None, "points evaluated per forward pass (default: all)")
+    method: str = _f("engine", "engine (batched) | loop (one point at a time, the oracle) | vmap")
+    threads: int | None = _f(None, "torch intra-op threads (default: torch's choice)")
+    # -- output ------------------------------------------------------------------------------------------------
+    store: str = _f("results.h5", "HDF5 result file: one sweep per step and data set, named NAME.<part>")
+    name: str | None = _f(None, "prefix of the sweeps' names (default: wiseft, soup or task_arithmetic); re-running "
+                                "the same command resumes")
+    out: str | None = _f(None, "write the chosen state dict to this file (.pt, or .safetensors)")
+    plot: str | None = _f(None, "wiseft: write the curves and the in-distribution-vs-shift figure into this folder")
+    progress: bool = _f(True, "progress bar")
+
+
+MERGE_EPILOG = """\
+examples:
+  # WiSE-FT: 11 alphas between a pre-trained and a fine-tuned checkpoint, on two test sets, the chosen model saved
+  lerpfast merge wiseft zero_shot.pt fine_tuned.pt --model mlp --data digits:test,digits:train --out wiseft.pt
+
+  # the greedy soup of five fine-tunes on held-out data; forward selection instead
+  lerpfast merge soup ft0.pt ft1.pt ft2.pt ft3.pt ft4.pt --model mlp --data digits:train --out soup.pt
+  lerpfast merge soup ft*.pt --model mlp --data digits:train --recipe forward
+
+  # task arithmetic: one shared lambda; one lambda per task (coordinate search); given points from a file
+  lerpfast merge task-arithmetic pre.pt a.pt b.pt c.pt --model mlp --data digits:train --lambdas 0:1:21
+  lerpfast merge task-arithmetic pre.pt a.pt b.pt c.pt --model mlp --data digits:train --search coordinate
+  lerpfast merge task-arithmetic pre.pt a.pt b.pt --model mlp --data digits:train --lambdas points.csv
+
+Every step evaluates all its candidates in one batched pass; each is stored as a sweep (`lerpfast show`).
+"""
+
+
+def _add_merge(sub) -> None:
+    kinds = "\n".join(f"  {k:<16} {what}" for k, (_, _, what) in MERGE_KINDS.items())
+    p = sub.add_parser("merge", help="model merging: WiSE-FT, greedy soups, task arithmetic",
+                       description="Choose merge coefficients with every candidate of a step evaluated in one "
+                                   "batched pass; write the sweeps to an HDF5 store and the chosen state dict to "
+                                   "--out.\n\nworkflows:\n" + kinds,
+                       epilog=MERGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("workflow", choices=list(MERGE_KINDS), help="merging workflow")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                   help="checkpoint files, or with --run: steps (0, 1024), init, final")
+    add_dataclass_options(p, MergeOptions, "merge options")
+    p.set_defaults(func=cmd_merge)
+
+
+def _data_entries(opts: MergeOptions, default: str | None) -> list[tuple[str, str]]:
+    """(data set, split) of each --data entry."""
+    text = opts.data or default
+    if text is None:
+        raise CLIError("which data? give --data NAME[:SPLIT] (see `lerpfast data list`)")
+    out = []
+    for entry in text.split(","):
+        name, _, split = entry.strip().partition(":")
+        if not name:
+            raise CLIError(f"--data {text!r}: empty entry (expected NAME[:SPLIT], comma-separated)")
+        out.append((name, split or opts.split))
+    return out
+
+
+def _merge_model_and_data(opts: MergeOptions, workflow: str):
+    import lerpfast.data as ld
+    from lerpfast.train import models
+    from lerpfast.train.config import parse_options
+
+    model_name, model_opts, default_data = opts.model, opts.model_options, None
+    if opts.run is not None:
+        from lerpfast.train import load_config
+
+        try:
+            cfg = load_config(opts.run)
+        except FileNotFoundError:
+            raise CLIError(f"{opts.run}: no hparams.json (not a `lerpfast train` run directory)", EXIT_DATA) from None
+        default_data = cfg.dataset
+        model_name = model_name or cfg.model
+        model_opts = model_opts or cfg.model_options
+    if model_name is None:
+        raise CLIError("which model? give --model NAME (e.g. lenet_300_100) or --run RUN_DIR")
+    entries = _data_entries(opts, default_data)
+    if workflow != "wiseft" and len(entries) > 1:
+        raise CLIError(f"--data {opts.data!r}: merge {workflow} takes one held-out / validation set, got "
+                       f"{len(entries)}")
+    device = _device(opts.device)
+    sets, shape = {}, None
+    for name, split in entries:
+        if name not in ld.REGISTRY:
+            raise CLIError(f"--data {name!r}: unknown data set (known: {', '.join(ld.REGISTRY)}; see "
+                           f"`lerpfast data list`)")
+        key = f"{name}:{split}"
+        if key in sets:
+            raise CLIError(f"--data: {name}:{split} is given twice")
+        data = ld.load(name, split, root=opts.data_root, device=device, batch_size=opts.batch_size, limit=opts.limit)
+        this = (int(data.num_classes), tuple(int(s) for s in data.input_shape))
+        if shape is None:
+            shape = this
+        elif this != shape:
+            raise CLIError(f"--data: {name}:{split} has {this[0]} classes of shape {this[1]}, but {entries[0][0]} "
+                           f"has {shape[0]} of shape {shape[1]}: every set must fit the one model")
+        sets[key] = data
+    try:
+        model = models.create(model_name, shape[0], shape[1], **parse_options(model_opts))
+    except TypeError as e:
+        raise CLIError(f"model {model_name!r}: bad --model-options ({e})") from None
+    return model.to(device).eval(), sets, device
+
+
+def _matrix_or_text(value: str, flag: str):
+    """A (K, J) matrix from a .npy / .csv / .txt file, or the text itself ('start:stop:num')."""
+    import numpy as np
+
+    if not value.lower().endswith((".npy", ".csv", ".txt")):
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise CLIError(f"{flag} {value!r}: no such file (a .npy or .csv file of a (K, J) matrix, or "
+                       f"'start:stop:num')", EXIT_DATA)
+    try:
+        arr = np.load(path, allow_pickle=False) if path.suffix.lower() == ".npy" else np.loadtxt(
+            path, delimiter="," if path.suffix.lower() == ".csv" else None, ndmin=2)
+    except (ValueError, OSError) as e:
+        raise CLIError(f"{flag} {value!r}: cannot read a matrix of numbers ({e})", EXIT_DATA) from None
+    return np.asarray(arr, dtype=float)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    opts: MergeOptions = options_from_args(args, MergeOptions)
+    low, high, what = MERGE_KINDS[args.workflow]
+    n = len(args.checkpoints)
+    if n < low or (high is not None and n > high):
+        want = f"{low}" if low == high else f"at least {low}"
+        raise CLIError(f"merge {args.workflow} takes {want} checkpoint{'s' if low > 1 else ''}, got {n}: {what}")
+    import numpy as np
+    import torch
+
+    import lerpfast.merge as lm
+
+    check_positive(opts.threads, "--threads")
+    check_positive(opts.points_per_pass, "--points-per-pass")
+    check_device(opts.device)
+    if opts.metric not in lm.METRICS:
+        raise CLIError(f"--metric {opts.metric!r}: expected one of {', '.join(lm.METRICS)}")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    if opts.out is not None and not Path(opts.out).parent.exists():
+        raise CLIError(f"--out {opts.out!r}: the folder {str(Path(opts.out).parent)!r} does not exist", EXIT_DATA)
+    ckpts, labels = _resolve_checkpoints(args.checkpoints, opts)
+    model, sets, device = _merge_model_and_data(opts, args.workflow)
+    kw = dict(precision=opts.precision, bn=opts.bn, batch_size=opts.batch_size, points_per_pass=opts.points_per_pass,
+              device=device, method=opts.method, progress=opts.progress and sys.stderr.isatty(), metric=opts.metric,
+              store=opts.store)
+    t0 = time.perf_counter()
+    if args.workflow == "wiseft":
+        name = opts.name or "wiseft"
+        select: Any = None
+        if opts.select is not None:
+            try:
+                select = float(opts.select)
+            except ValueError:
+                s_name, _, s_split = opts.select.partition(":")
+                select = f"{s_name}:{s_split or opts.split}"
+                if select not in sets:
+                    raise CLIError(f"--select {opts.select!r}: not one of the --data sets ({', '.join(sets)}), nor a "
+                                   "number (a fixed alpha)") from None
+        res = lm.wiseft(model, ckpts[0], ckpts[1], sets, opts.alphas, select=select, name=name, **kw)
+    elif args.workflow == "soup":
+        name = opts.name or "soup"
+        if opts.recipe not in lm.RECIPES:
+            raise CLIError(f"--recipe {opts.recipe!r}: expected one of {', '.join(lm.RECIPES)}")
+        res = lm.greedy_soup(model, ckpts, next(iter(sets.values())), recipe=opts.recipe, name=name, **kw)
+    else:
+        name = opts.name or "task_arithmetic"
+        lambdas = _matrix_or_text(opts.lambdas, "--lambdas")
+        search = None if isinstance(lambdas, np.ndarray) and lambdas.ndim == 2 else opts.search
+        if search is not None and search not in lm.SEARCHES:
+            raise CLIError(f"--search {opts.search!r}: expected one of {', '.join(lm.SEARCHES)}")
+        res = lm.task_arithmetic(model, ckpts[0], ckpts[1:], next(iter(sets.values())), lambdas, search=search,
+                                 name=name, **kw)
+    seconds = time.perf_counter() - t0
+    for sname, r in res.results.items():
+        print(f"{opts.store}:{sname}  {r.kind}  K={r.K}  computed {r.meta.get('points_computed', r.K)} points  "
+              f"({r.meta.get('num_samples', '?')} samples)")
+    if args.workflow == "wiseft":
+        sets_order = list(res.meta["datasets"])
+        print("  alpha  " + "  ".join(f"{d:>14}" for d in sets_order) + f"   ({opts.metric})")
+        for i, a in enumerate(res.meta["alphas"]):
+            vals = [res.results[res.meta["sweeps"][d]].metrics[opts.metric][i] for d in sets_order]
+            print(f"  {a:5.3g}  " + "  ".join(f"{v:>14.4g}" for v in vals))
+    elif args.workflow == "soup":
+        for st in res.steps[1:]:
+            print(f"  step {st['step']}: tried {len(st['tried'])} soup(s), best {opts.metric} "
+                  f"{min(st['values']):.4g}; " + (f"added ingredient {st['added']} ({labels[st['added']]})"
+                                                 if st["added"] is not None else "nothing added"))
+    chosen = ", ".join(f"{k}={lm._short(v)}" for k, v in res.choice.items() if k not in ("metric", "value", "weights"))
+    if args.workflow == "soup":
+        chosen = "ingredients " + ", ".join(labels[i] for i in res.choice["ingredients"])
+    value = res.choice["value"]
+    print(f"chosen: {chosen}" + ("" if value is None else f"  ({opts.metric} {value:.4g})") + f"  in {seconds:.1f}s")
+    if opts.out is not None:
+        if opts.out.endswith(".safetensors"):
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in res.state_dict.items()}, opts.out)
+        else:
+            torch.save(res.state_dict, opts.out)
+        print(f"  wrote {opts.out}")
+    if opts.plot:
+        if args.workflow != "wiseft":
+            print(f"  --plot: no figure for merge {args.workflow} (the sweeps are in {opts.store}: lerpfast plot)",
+                  file=sys.stderr)
+        else:
+            from lerpfast.plot import save
+
+            for f in save(lm.plot_wiseft(res, opts.metric), Path(opts.plot) / f"{name}.png"):
+                print(f"  wrote {f}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # show / plot
 
 
@@ -642,6 +907,7 @@ typical session:
   lerpfast data list                    data sets and where lerpfast looks for them
   lerpfast train --model lenet_300_100 --dataset fashion-mnist --replicates 3
   lerpfast sweep line --run runs/train_<hash> init final --name init-final
+  lerpfast merge soup ft*.pt --model mlp --data digits:train   greedy soup (also: wiseft, task-arithmetic)
   lerpfast show results.h5              sweeps in the file and their completion
   lerpfast plot results.h5 --out figs   the papers' figures
 
@@ -672,6 +938,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     command = _command_of(argv)
     _add_sweep(sub)
+    _add_merge(sub)
     _add_show(sub)
     _add_repair(sub)
     _add_plot(sub)

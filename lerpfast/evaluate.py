@@ -16,7 +16,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -459,7 +459,12 @@ def sweep(
     alphas : the line's coordinates (list, array, tensor or ``"start:stop:num"``); values outside [0, 1]
         extrapolate. Slices may carry their own coordinates.
     data : an ``(X, y)`` pair, a ``Dataset``, or any re-iterable of ``(x, y)`` batches (DataLoader, FFCV loader,
-        ``lerpfast.data.load(...)``); x may be a tensor or a tuple / dict of tensors.
+        ``lerpfast.data.load(...)``); x may be a tensor or a tuple / dict of tensors. Or a dict name -> data set
+        (WiSE-FT's in-distribution and shifted test sets, say): every set is evaluated at every point, and the call
+        returns a dict name -> SweepResult. The sets run one after another, each one read once for all the points,
+        and each is its own sweep, stored as ``"{name}.{set}"`` (``name`` defaults to ``"sweep"``) with its own
+        fingerprint and resume; the converted engine and the checkpoints' fingerprints are reused from one set to
+        the next, the points' weights are built again for each set.
     bn : ``"interpolate"`` (running statistics follow the slice), ``"endpoint"`` / ``"endpoint:i"`` (checkpoint
         i's statistics), ``"recompute"`` (reset and recalibrate every point on ``bn_data``, then evaluate).
     bn_data : calibration data for ``bn="recompute"`` (training data; defaults to ``data`` with a warning).
@@ -510,7 +515,8 @@ def sweep(
 
     Returns
     -------
-    SweepResult with ``.coords`` (K x D), ``.alphas``, ``.loss``, ``.error``, ``.metrics`` and ``.meta``.
+    SweepResult with ``.coords`` (K x D), ``.alphas``, ``.loss``, ``.error``, ``.metrics`` and ``.meta`` (a dict
+    data set name -> SweepResult when ``data`` is a dict).
     ``meta["timings"]`` has the seconds of each phase of the call (checkpoints, slice, fingerprints, store, engine,
     evaluation split into data / forward / metrics, finish).
 
@@ -523,6 +529,10 @@ def sweep(
     :func:`clear_caches` forgets all of them. An input that reaches only the first Linear / Conv (through flatten,
     dropout, identity) is handed to it as the B-row batch, never repeated K times.
     """
+    if isinstance(data, Mapping):  # several data sets: one sweep each, under "{name}.{set}"
+        rest = {k: v for k, v in locals().items() if k not in ("model", "ckpts", "alphas", "data", "name")}
+        return {d: sweep(model, ckpts, alphas, sub, name=f"{name or 'sweep'}.{d}", **rest)
+                for d, sub in _named_data(data).items()}
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {METHODS}")
     policy, bn_source = _parse_bn(bn)
@@ -689,6 +699,19 @@ def sweep(
     timings["total"] = clock() - t_start
     meta["timings"] = timings
     return SweepResult(aff.kind, aff.coords, aff.coord_names, metrics, meta, aff.grid_shape)
+
+
+def _named_data(data: Mapping) -> dict:
+    """``sweep``'s ``data`` dict checked: at least one set, names usable in a store (non-empty, no '/')."""
+    if not data:
+        raise ValueError("data: an empty dict; give at least one data set, {name: (X, y) or a loader, ...}")
+    for d, sub in data.items():
+        if not isinstance(d, str) or not d or "/" in d:
+            raise ValueError(f"data: data set names must be non-empty strings without '/' (they name the sweeps in "
+                             f"the store), got {d!r}")
+        if sub is None:
+            raise ValueError(f"data[{d!r}] is None: expected an (X, y) pair, a Dataset or a loader")
+    return dict(data)
 
 
 def _run_chunks(ev, aff: AffineSlice, ref, batches, todo: np.ndarray, P: int, rank: int, world: int,
