@@ -39,6 +39,9 @@ class ParamSlice:
         per slice (one pass over the tensor)."""
         if self._constant is None:
             a, d = self.anchors, self.dirs
+            if a.is_meta:  # no values (the compile planner's shapes-only slices): treated as varying
+                self._constant = False
+                return False
             self._constant = bool((d is None or not bool(d.any()))
                                   and all(torch.equal(a[0], a[m]) for m in range(1, a.shape[0])))
         return self._constant
