@@ -177,7 +177,7 @@ finish_build
 
 # ------------------------------------------------------------------------------------------------ smoke tests
 # GPU-marked tests plus a handful of compiled-kernel checks against float64 (the same files CI runs on the CPU).
-SMOKE_FILES="tests/test_csrc.py tests/test_kernels_dispatch.py tests/test_fusion.py tests/test_kernels.py tests/test_data.py"
+SMOKE_FILES="tests/test_csrc.py tests/test_kernels_dispatch.py tests/test_fusion.py tests/test_kernels.py tests/test_data.py tests/test_point_params.py"
 SMOKE_K="gpu or linear_epilogue or conv2d_channels_last_epilogue or point_metrics or combine_bit_exact or endpoints_exact"
 # (LERPFAST_REQUIRE_EXT=1: a missing extension fails tests/test_csrc.py; set only when the build succeeded, so that a
 # failed build, already reported, does not stop the -x run before the kernel tests)

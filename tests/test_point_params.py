@@ -360,3 +360,25 @@ def test_window_attention_runs_whole_with_its_tensors_per_point():
     ref = sweep(a, (a, b), ALPHAS, (x, y), precision="fp64", batch_size=2, progress=False, method="loop")
     np.testing.assert_allclose(res.loss, ref.loss, rtol=1e-10, atol=0)
     assert res.meta["paths"]["attn"] == "native:ShiftedWindowAttention (its tensors per point)"
+
+
+@pytest.mark.gpu
+def test_point_params_gpu_paths_match_the_loop():
+    """The GPU session's check of this file's paths on CUDA (PointTensors, native MultiheadAttention, whole-module
+    window attention, BatchNormAct2d, constant layers): the engine against the loop, both on the GPU, fp32 (TF32
+    off) to 1e-4, and bf16 finite and within 5e-2."""
+    models = {"vit": lambda: TinyViT(norm=BatchNormAct2d), "attn": lambda: Attn(False, True, True, True),
+              "swin": SwinToy, "probe": Probe}
+    for name, make in models.items():
+        a, b = (m.cuda() for m in _pair(make))
+        if name == "probe":
+            b.load_state_dict({k: v for k, v in a.state_dict().items() if not k.startswith("head")}, strict=False)
+        x, y = _data(n=6, size=4)
+        data = (x.float().cuda(), y.cuda())
+        kw = dict(batch_size=3, progress=False)
+        ref = sweep(a, (a, b), ALPHAS, data, method="loop", **kw)
+        res = sweep(a, (a, b), ALPHAS, data, **kw)
+        np.testing.assert_allclose(res.loss, ref.loss, rtol=1e-4, atol=1e-6, err_msg=name)
+        assert not any(p.startswith("fallback") for m, p in res.meta["paths"].items() if m != "rnn"), name
+        bf = sweep(a, (a, b), ALPHAS, data, precision="bf16", **kw)
+        assert np.all(np.isfinite(bf.loss)) and np.allclose(bf.loss, ref.loss, rtol=5e-2, atol=5e-2), name
