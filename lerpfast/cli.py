@@ -59,8 +59,8 @@ SLICE_KINDS = {
 
 
 @dataclass
-class SweepOptions:
-    """Options of ``lerpfast sweep`` (each field becomes ``--<field-with-dashes>``)."""
+class ModelSourceOptions:
+    """The model and checkpoint options that ``lerpfast sweep`` and ``lerpfast merge`` share."""
 
     # -- model and checkpoints ------------------------------------------------------------------------------
     run: str | None = _f(None, "a `lerpfast train` run directory: the model comes from its hparams.json, and "
@@ -68,6 +68,12 @@ class SweepOptions:
     replicate: int = _f(0, "replicate of --run whose checkpoints are used")
     model: str | None = _f(None, "model name, e.g. lenet_300_100, resnet20, mlp (not needed with --run)")
     model_options: str = _f("", "model keyword options, e.g. 'widths=(100,)' or 'width=2,bn=False'")
+
+
+@dataclass
+class SweepOptions(ModelSourceOptions):
+    """Options of ``lerpfast sweep`` (each field becomes ``--<field-with-dashes>``)."""
+
     mask_from: str | None = _f(None, "pruned checkpoints (weight_orig + weight_mask) whose masks differ: the "
                                      "index of the checkpoint whose masks to use, or 'model'")
     # -- data --------------------------------------------------------------------------------------------------
@@ -405,15 +411,9 @@ MERGE_KINDS = {
 
 
 @dataclass
-class MergeOptions:
+class MergeOptions(ModelSourceOptions):
     """Options of ``lerpfast merge`` (each field becomes ``--<field-with-dashes>``)."""
 
-    # -- model and checkpoints ------------------------------------------------------------------------------
-    run: str | None = _f(None, "a `lerpfast train` run directory: the model comes from its hparams.json, and "
-                               "checkpoints may be given as steps (0, 1024), 'init' or 'final'")
-    replicate: int = _f(0, "replicate of --run whose checkpoints are used")
-    model: str | None = _f(None, "model name, e.g. lenet_300_100, resnet20, mlp (not needed with --run)")
-    model_options: str = _f("", "model keyword options, e.g. 'widths=(100,)' or 'width=2,bn=False'")
     # -- data --------------------------------------------------------------------------------------------------
     data: str | None = _f(None, "data sets NAME[:SPLIT], comma-separated, e.g. digits:test,digits:train. wiseft: "
                                 "every set is evaluated, alpha is chosen on the first (or --select); soup and "

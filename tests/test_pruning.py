@@ -226,7 +226,9 @@ def test_store_resume_and_mask_choice_in_fingerprint(tmp_path):
     again = sweep(a, (a, b), ALPHAS, _data(mlp), mask_from=0, store=path, name="s", progress=False)
     assert again.meta["points_computed"] == 0
     np.testing.assert_array_equal(again.loss, first.loss)
-    with pytest.raises(Exception, match="fingerprint|different|mismatch"):
+    from lerpfast.store import SweepMismatchError
+
+    with pytest.raises(SweepMismatchError, match="fingerprint|different|mismatch"):
         sweep(a, (a, b), ALPHAS, _data(mlp), mask_from=1, store=path, name="s", progress=False)
 
 

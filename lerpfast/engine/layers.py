@@ -238,7 +238,7 @@ class MPConv(MultiPointLayer):
             def plain(r):
                 if self.padding_mode != "zeros":
                     r = F.pad(r, self.pad, mode=self.padding_mode)
-                return CONV_FN[r.dim() - 2](r, const["weight"].to(r.dtype),
+                return functional.CONV[r.dim() - 2](r, const["weight"].to(r.dtype),
                                              None if "bias" not in const else const["bias"].to(r.dtype),
                                              self.stride, self.padding, self.dilation, self.groups)
 
@@ -263,9 +263,6 @@ class MPConv(MultiPointLayer):
                                            self.dilation, self.groups, shared_input=shared, bn=bn,
                                            residual=None if residual is None else _split(residual, K), relu=relu)
         return out.reshape(K * out.shape[1], *out.shape[2:])
-
-
-CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def _tuple(v, n: int) -> tuple:
