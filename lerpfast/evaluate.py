@@ -481,7 +481,10 @@ def sweep(
         rows (the batch's labels flattened and repeated for each point). It must return the R per-row losses,
         shape (R,) (or (R, 1)), without reducing them: ``F.cross_entropy(logits, target, reduction="none")``.
         Any other shape (a mean, a per-sequence loss) is a ``ValueError`` naming ``loss_fn``. It is also called
-        once on the first batch for the store's resume probe.
+        once on the first batch for the store's resume probe. Sequence targets: with next-token labels
+        (``lerpfast.data.next_token_pairs``) the default loss is the mean token cross-entropy (``exp(loss)`` the
+        perplexity) and the error the next-token error; positions labelled -100 (``lerpfast.metrics.IGNORE_INDEX``:
+        padding, prompts) leave every metric, and ``loss_fn`` never sees them.
     reference : point for functional distance and disagreement: ``"first"`` (the first checkpoint), a point
         index, or None to skip them.
     method : ``"engine"`` (batched), ``"loop"`` (the per-point oracle) or ``"vmap"`` (torch.func baseline).
@@ -527,7 +530,11 @@ def sweep(
     (stat fields) are unchanged, and the converted engine (deep copy, rewrite, fx traces) is reused while the
     model's structure is (:func:`lerpfast.engine.model.engine_for`); it holds no weights between calls.
     :func:`clear_caches` forgets all of them. An input that reaches only the first Linear / Conv (through flatten,
-    dropout, identity) is handed to it as the B-row batch, never repeated K times.
+    dropout, identity) is handed to it as the B-row batch, never repeated K times. A part of the network whose
+    tensors are the same at every point (a linear probe's backbone, a frozen encoder, a zero-shot head) and whose
+    input is too runs once on the B rows, not on K*B (:mod:`lerpfast.engine.shared`; ``LERPFAST_SHARED=0`` turns it
+    off): ``meta["shared"]`` names those modules, the top-level nodes folded into one shared region, the nodes where
+    per-point work starts (``ends_before``), and how many calls ran shared.
     """
     if isinstance(data, Mapping):  # several data sets: one sweep each, under "{name}.{set}"
         rest = {k: v for k, v in locals().items() if k not in ("model", "ckpts", "alphas", "data", "name")}
@@ -680,6 +687,7 @@ def sweep(
             meta["held_bytes"] = ev.mp.held_bytes()
             meta["max_materialized_bytes"] = ev.mp.ctx.max_materialized
             meta["fusion"] = ev.mp.fusion_report()
+            meta["shared"] = ev.mp.shared_report()
             meta["compile"] = compile
             meta["engine_cache"] = ev.mp.cache_state
             meta["unrepeated_inputs"] = sorted(str(i) for i in ev.mp.unrepeated_inputs if isinstance(i, str))

@@ -15,6 +15,11 @@ point's mean loss / distance are NaN), and it disagrees with the reference (as d
 reference logits contain a NaN or +inf). A -inf logit is a class of probability 0 and is scored normally (the
 loss is +inf when the target's logit is -inf). Class labels must lie in ``[0, C)``: a label outside is a
 ``ValueError`` naming the label, its position in the batch and C (one min / max check per batch).
+
+Sequence outputs ((K, N, T, C) logits, (N, T) targets) count every position as a sample: with next-token
+targets (``labels[:, t]`` the token after position t) the loss is the mean token cross-entropy (``exp(loss)`` is
+the perplexity) and the error the next-token error. A target of ``IGNORE_INDEX`` (-100, transformers' and
+``F.cross_entropy``'s convention for padding and prompt positions) leaves its position out of every metric.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PointMetrics", "METRIC_NAMES", "default_loss", "call_loss_fn"]
+__all__ = ["PointMetrics", "METRIC_NAMES", "IGNORE_INDEX", "default_loss", "call_loss_fn"]
 
 METRIC_NAMES = ("loss", "error", "top5_error", "distance", "disagreement")
+IGNORE_INDEX = -100  # a target left out of the metrics (padding, prompt tokens), as in F.cross_entropy
 
 
 def default_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -87,17 +93,20 @@ def _nonfinite_rows(z: torch.Tensor) -> torch.Tensor:
     return (torch.isnan(z) | torch.isposinf(z)).any(-1)
 
 
-def _check_labels(t: torch.Tensor, C: int) -> None:
-    """Labels in ``[0, C)``, one device-side min / max and one host sync per batch; the error names the first
-    offending label, its position in the batch and C."""
+def _check_labels(t: torch.Tensor, C: int) -> bool:
+    """Labels in ``[0, C)`` or ``IGNORE_INDEX``, one device-side min / max and one host sync per batch; the error
+    names the first offending label, its position in the batch and C. Returns whether any label is ignored."""
     if t.is_meta:  # a plan (lerpfast.kernels.warmup.plan) traces on meta tensors: no values to check
-        return
+        return False
     lo, hi = torch.aminmax(t)
     if bool((lo < 0) | (hi >= C)):
-        pos = int(((t < 0) | (t >= C)).nonzero()[0, 0])
+        bad = ((t < 0) & (t != IGNORE_INDEX)) | (t >= C)
+        if not bool(bad.any()):
+            return True
+        pos = int(bad.nonzero()[0, 0])
         raise ValueError(f"label {int(t[pos])} at position {pos} of the batch is outside [0, {C}) for {C} classes "
-                         f"(the model's output has {C} logits per sample): check the data's labels or the model's "
-                         f"output size")
+                         f"(the model's output has {C} logits per sample; {IGNORE_INDEX} marks a position to "
+                         f"leave out): check the data's labels or the model's output size")
 
 
 class PointMetrics:
@@ -132,8 +141,15 @@ class PointMetrics:
             self.sums = {k: torch.zeros(K, dtype=torch.float64, device=logits.device) for k in METRIC_NAMES}
         s = self.sums
         by_class = not (t.is_floating_point() or t.is_complex())  # class indices (a custom loss may regress)
-        if by_class and n:
-            _check_labels(t, C)
+        if by_class and n and _check_labels(t, C):  # positions labelled IGNORE_INDEX leave every metric
+            keep = t != IGNORE_INDEX
+            logits = logits.reshape(K, n, C)[:, keep]
+            if ref_logits is not None:
+                ref_logits = ref_logits.reshape(n, C)[keep]
+            t = t[keep]
+            n = t.shape[0]
+            if n == 0:
+                return
         if by_class and not self.custom_loss and _fused(logits):
             # one Triton pass over the (K, N, C) logits instead of ~10 float64 torch kernels (lerpfast.kernels.
             # point_metrics), chosen by measurement against the torch path like every dispatched op

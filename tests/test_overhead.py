@@ -364,7 +364,7 @@ def _outputs(case, fuse, dtype):
             outs[no_repeat] = mp(x, B)
         if no_repeat:
             assert set(mp.unrepeated_inputs) == plan
-            assert len(mp.ctx.shared) == repeated  # a planned input is never repeated
+            assert mp.repeated_inputs == repeated  # a planned input is never repeated
     return outs, plan
 
 

@@ -16,7 +16,14 @@ from lerpfast.data import ffcv  # FFCV itself is imported only when a .beton is 
 from lerpfast.data.api import load
 from lerpfast.data.device import DeviceLoader, epoch_generator
 from lerpfast.data.folder import FolderLoader, ImageFolder
-from lerpfast.data.readers import read_arrays, read_cifar_batches, read_digits, read_idx, write_idx
+from lerpfast.data.readers import (
+    next_token_pairs,
+    read_arrays,
+    read_cifar_batches,
+    read_digits,
+    read_idx,
+    write_idx,
+)
 from lerpfast.data.registry import REGISTRY, DataNotFoundError, DatasetSpec, available, get_spec, resolve_root
 
 __all__ = [
@@ -37,4 +44,5 @@ __all__ = [
     "write_idx",
     "read_cifar_batches",
     "read_digits",
+    "next_token_pairs",
 ]

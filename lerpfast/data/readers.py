@@ -251,3 +251,33 @@ def read_arrays(name: str, split: str = "test", root: str | Path | None = None) 
         paths = find_files(spec, split, root)
         return read_cifar_batches(paths, "labels" if spec.name == "cifar10" else "fine_labels")
     raise ValueError(f"{spec.name} is not a resident data set; use lerpfast.data.load({spec.name!r}, ...)")
+
+
+def next_token_pairs(ids, pad_id: int | None = None, ignore_index: int = -100):
+    """``(inputs, labels)`` for evaluating a causal language model on token sequences with ``lerpfast.sweep``.
+
+    Parameters
+    ----------
+    ids : (N, T) integer tensor or array of token ids.
+    pad_id : int, optional
+        The padding token: positions whose next token is padding are left out of the metrics.
+    ignore_index : int
+        The label that leaves a position out (-100: :data:`lerpfast.metrics.IGNORE_INDEX`).
+
+    Returns
+    -------
+    inputs : (N, T-1) ``ids[:, :-1]``.
+    labels : (N, T-1) ``ids[:, 1:]``, the next token at each position (``ignore_index`` where it is padding), so
+        that the sweep's loss is the mean next-token cross-entropy (``exp(loss)`` the perplexity) and its error
+        the next-token error.
+    """
+    import torch
+
+    ids = torch.as_tensor(ids)
+    if ids.dim() != 2 or ids.shape[1] < 2 or ids.is_floating_point():
+        raise ValueError(f"next_token_pairs: expected an (N, T) integer tensor of token ids with T >= 2, got "
+                         f"{ids.dtype} of shape {tuple(ids.shape)}")
+    labels = ids[:, 1:].clone()
+    if pad_id is not None:
+        labels[labels == pad_id] = ignore_index
+    return ids[:, :-1].contiguous(), labels

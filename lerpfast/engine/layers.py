@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from lerpfast.engine import dispatch, functional
 from lerpfast.engine.functional import ParamSlice, Points, combine
@@ -25,7 +26,10 @@ class PointContext:
 
     pts: Points | None = None
     batch: int = 0  # per-point batch size B of the current data batch
-    shared: list[tuple[int, int]] = field(default_factory=list)  # (data_ptr, numel) of repeated input buffers
+    # (data_ptr, numel) -> tensor, for the tensors of K equal row blocks made in this pass (the repeated input,
+    # engine.shared's outputs): held until the pass ends, so that no other tensor can take over their memory (and
+    # with it their entry) while it runs
+    shared: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     # input tensors of B rows (not repeated K times) that the model's traced graph hands straight to a
     # shared-input layer (engine.model: the no-repeat plan); compared by identity
     unrepeated: list[torch.Tensor] = field(default_factory=list)
@@ -35,10 +39,18 @@ class PointContext:
     # multiple of K*B rows are then point-major activations
     row_multiple: set | None = None
     stats: dict = field(default_factory=dict)
+    # inside a shared part of the network (engine.shared): constant modules compute on the rows they are given
+    # (B rows standing for the K points), with meta tensors while shapes alone are asked for
+    rows_mode: bool = False
+    shared_meta: bool = False
 
     @property
     def K(self) -> int:  # noqa: N802
         return self.pts.K
+
+    def mark_shared(self, t: torch.Tensor) -> None:
+        """Register ``t`` (contiguous, (K*B, ...)) as K equal row blocks for the rest of the pass."""
+        self.shared[(t.data_ptr(), t.numel())] = t
 
     def is_unrepeated(self, x: torch.Tensor) -> bool:
         """True when x is the B-row data batch itself, standing for K identical row blocks (see ``unrepeated``)."""
@@ -71,6 +83,43 @@ def external_read_error(module: str, source_type: str, attr: str) -> AttributeEr
         f"lerpfast: module {module!r} ({source_type}) is evaluated at K points at once, so its {attr!r} has no "
         f"single value; code outside the module reads it directly. Pass fallback=[{parent!r}] to sweep to run the "
         f"reading module per point ('' is the whole model; if the read is in a module further up, name that one).")
+
+
+# what code outside a module may read of a tensor it holds at K points: its description, never its values
+_STAND_IN_READS = frozenset({"dtype", "device", "shape", "ndim", "dim", "size", "numel", "is_floating_point",
+                             "is_complex", "requires_grad", "layout", "is_cuda", "is_meta", "element_size",
+                             "is_contiguous", "__len__"})
+
+
+class StandIn(torch.Tensor):
+    """What a module evaluated at K points hands out for one of its tensors read from outside (transformers'
+    ``self.embeddings.patch_embeddings.projection.weight.dtype``): its dtype, device and shape are the tensor's,
+    and any use of its values raises :func:`external_read_error` (the tensor has K values during a pass). It
+    holds no storage of its own (a broadcast zero)."""
+
+    @staticmethod
+    def __new__(cls, like: torch.Tensor, error: AttributeError):
+        t = torch.Tensor._make_subclass(cls, torch.zeros((), dtype=like.dtype, device=like.device).expand(like.shape))
+        t._lerpfast_error = error
+        return t
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name == "__get__":  # a property (t.dtype): the name is the descriptor's
+            name = getattr(getattr(func, "__self__", None), "__name__", name)
+        if name in _STAND_IN_READS:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        leaves, _ = tree_flatten((args, kwargs or {}))
+        raise next(t._lerpfast_error for t in leaves if isinstance(t, StandIn))
+
+    def __repr__(self):
+        return f"StandIn(shape={tuple(self.shape)}, dtype={self.dtype}: {self._lerpfast_error})"
+
+
+def stand_in(module: str, source_type: str, attr: str, like: torch.Tensor) -> StandIn:
+    return StandIn(like, external_read_error(module, source_type, attr))
 
 
 def check_calibration(layer: MultiPointLayer) -> None:
@@ -150,6 +199,9 @@ class MultiPointLayer(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            p = self.__dict__.get("slices", {}).get(name)
+            if p is not None:  # its dtype / shape read from outside: a stand-in (using the values raises)
+                return stand_in(self.name, self.source_type, name, p.anchors[0])
             if name in ("weight", "bias", "running_mean", "running_var"):
                 raise external_read_error(self.name, self.source_type, name) from None
             raise

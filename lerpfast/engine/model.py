@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import threading
 import warnings
 import weakref
@@ -30,6 +31,7 @@ from lerpfast.engine.layers import (
     PointContext,
 )
 from lerpfast.engine.pointparams import NeedsFallback, PointParamsModule
+from lerpfast.engine.shared import SharedModule, SharedRegion, plan_regions
 from lerpfast.geometry import AffineSlice
 
 __all__ = ["MultiPointModel", "GraphedForward", "precision_context", "logits_of", "engine_for", "release_engine",
@@ -163,6 +165,21 @@ class MultiPointModel(nn.Module):
         if root is None:
             self._rewrite(net, "", force)
             root = net
+        # Constant parts run once on the B rows (engine/shared.py): subtrees in _convert, runs of top-level nodes here
+        self.shared_nodes: list[str] = []
+        if self._share and any(isinstance(m, SharedModule) for m in root.modules()) \
+                and not isinstance(root, MultiPointLayer):
+            try:
+                gm = trace(root)
+            except Exception:  # untraceable: the constant subtrees still share, each on its own
+                gm = None
+            if gm is not None:
+                self.shared_nodes = plan_regions(
+                    gm, self.ctx, lambda region, members: SharedRegion(self.ctx, "<shared>", region, members))
+                if self.shared_nodes:
+                    self.paths["<shared>"] = f"shared:{len(self.shared_nodes)} top-level nodes"
+                root = gm
+                self._unshare_outside(gm)
         # Epilogue fusion (engine/fusion.py): conv / linear -> eval BN -> (+ residual) -> ReLU as one op.
         anchors = next(iter(slice_.params.values())).anchors if slice_.params else None
         device = anchors.device if anchors is not None else torch.device("cpu")
@@ -195,8 +212,40 @@ class MultiPointModel(nn.Module):
                     out[rel] = ps
         return out
 
-    def _convert(self, module: nn.Module, name: str, force: set) -> nn.Module | None:
+    def _unshare_outside(self, gm: fx.GraphModule) -> None:
+        """Constant modules of the traced graph outside the shared region never see an input that is the same at
+        every point (their input comes from per-point layers): they go back to their converted form, which the
+        epilogue fusion can then join to the layer before them (a conv with a frozen BN after it)."""
+        keep = {id(m) for r in gm.modules() if isinstance(r, SharedRegion) for m in r.members}
+        leaves = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        for name in sorted(leaves):
+            m = gm.get_submodule(name)
+            if isinstance(m, SharedModule) and not isinstance(m, SharedRegion) and id(m) not in keep:
+                parent, _, attr = name.rpartition(".")
+                setattr(gm.get_submodule(parent) if parent else gm, attr, m.alt)
+                if self.paths.get(m.name, "").startswith("shared:"):
+                    del self.paths[m.name]
+
+    @property
+    def _share(self) -> bool:
+        return self.share_constant and os.environ.get("LERPFAST_SHARED", "1") != "0"
+
+    def _convert(self, module: nn.Module, name: str, force: set, share: bool = True) -> nn.Module | None:
         typ = type(module)
+        if share and self._share and not (name in force or typ in force):
+            below = self._tensors(name, direct=False)
+            if below and all(p.constant() for p in below.values()):
+                # every tensor below is the same at every point: the user's module, run once on the B rows when
+                # its input is the same at every point (engine/shared.py); the converted subtree for the rest
+                inner = copy.deepcopy(module)
+                alt = self._convert(module, name, force, share=False)
+                if alt is None:
+                    self._rewrite(module, name, force, share=False)
+                    alt = module
+                # a leaf keeps its converted path in the report (the shared ones are in shared_report())
+                self.paths.setdefault(name, f"shared:{typ.__name__}")
+                self._covered.update(_prefix(name) + k for k in below)
+                return SharedModule(self.ctx, name, below, inner, alt)
         direct = self._tensors(name, direct=True)
         native = _native(typ)
         forced = name in force or typ in force
@@ -214,7 +263,7 @@ class MultiPointModel(nn.Module):
             new = PointParamsModule(self.ctx, name, direct, module)
             self.paths[name] = f"native:{typ.__name__} (own tensors per point: {', '.join(direct)})"
             self._covered.update(_prefix(name) + k for k in direct)
-            self._rewrite(module, name, force)
+            self._rewrite(module, name, force, share)
             return new
         elif direct or forced:
             tensors = self._tensors(name, direct=False)
@@ -227,18 +276,19 @@ class MultiPointModel(nn.Module):
         self._covered.update(_prefix(name) + k for k in new.slices)
         return new
 
-    def _rewrite(self, module: nn.Module, prefix: str, force: set) -> None:
+    def _rewrite(self, module: nn.Module, prefix: str, force: set, share: bool = True) -> None:
         for cname, child in list(module._modules.items()):
             if child is None:
                 continue
             full = _prefix(prefix) + cname if prefix else cname
-            new = self._convert(child, full, force)
+            new = self._convert(child, full, force, share)
             if new is not None:
                 module._modules[cname] = new
             else:
-                self._rewrite(child, full, force)
+                self._rewrite(child, full, force, share)
 
     point_params = True  # False: a module owning tensors directly runs whole on the fallback (as before issue 17)
+    share_constant = True  # False (or LERPFAST_SHARED=0): constant subtrees run on all K*B rows like the rest
 
     def layers(self) -> list[MultiPointLayer]:
         return [m for m in self.net.modules() if isinstance(m, MultiPointLayer)]
@@ -274,6 +324,25 @@ class MultiPointModel(nn.Module):
         calls = {k: sum(c.calls[k] for c in chains) for k in ("fused", "partial", "unfused")}
         return {**self.fusion, "chains": len(chains), "calls": calls}
 
+    def shared_report(self) -> dict:
+        """Where the part of the network that is the same at every point ends (engine/shared.py): the constant
+        modules run once on the B rows, the top-level nodes folded into one shared region, and how many calls
+        ran shared (once on B rows), on all rows (inputs that differ per point) or converted (per point)."""
+        mods = [m for m in self.net.modules() if isinstance(m, SharedModule)]
+        calls = {k: sum(m.calls[k] for m in mods) for k in ("shared", "rows", "converted")}
+        region = next((m for m in mods if isinstance(m, SharedRegion)), None)
+        return {"modules": sorted(m.name for m in mods if not isinstance(m, SharedRegion)),
+                "region": list(self.shared_nodes), "ends_before": self._shared_end(region), "calls": calls}
+
+    def _shared_end(self, region) -> list[str]:
+        """The nodes of the top-level graph that read the shared region's outputs (where per-point work starts)."""
+        if region is None or not isinstance(self.net, fx.GraphModule):
+            return []
+        for n in self.net.graph.nodes:
+            if n.op == "call_module" and self.net.get_submodule(n.target) is region:
+                return sorted({u2.name for u in n.users for u2 in u.users})
+        return []
+
     def held_bytes(self) -> int:
         """Bytes of the slice tensors the model holds: independent of K."""
         return self.slice.nbytes()
@@ -296,7 +365,7 @@ class MultiPointModel(nn.Module):
         for c in self.net.modules():
             if isinstance(c, FusedChain):
                 c.calls = dict.fromkeys(c.calls, 0)
-        self.ctx.pts, self.ctx.shared, self.ctx.unrepeated = None, [], []
+        self.ctx.pts, self.ctx.shared, self.ctx.unrepeated = None, {}, []
         self.ctx.calibrate, self.ctx.max_materialized, self.ctx.stats = False, 0, {}
 
     def release(self) -> None:
@@ -308,7 +377,7 @@ class MultiPointModel(nn.Module):
             m.slices = {}
             if isinstance(m, MPBatchNorm):
                 m.reset_calibration()
-        self.ctx.pts, self.ctx.shared, self.ctx.unrepeated = None, [], []
+        self.ctx.pts, self.ctx.shared, self.ctx.unrepeated = None, {}, []
 
     def forward(self, x, batch: int):
         """Evaluate the current K points on one data batch.
@@ -324,8 +393,9 @@ class MultiPointModel(nn.Module):
         """
         K = self.ctx.K
         self.ctx.batch = batch
-        self.ctx.shared = []
+        self.ctx.shared = {}
         self.ctx.unrepeated = []
+        self.repeated_inputs = 0  # inputs repeated K times in this pass (the no-repeat plan passes the others as is)
         plan = self.unrepeated_inputs
 
         def rep(t, where):
@@ -334,8 +404,8 @@ class MultiPointModel(nn.Module):
             if where in plan:
                 return t  # reaches only shared-input layers (see _plan_unrepeated): never repeated
             r = t.repeat(K, *([1] * (t.dim() - 1)))  # (K*B, ...) point-major
-            if r.is_floating_point():
-                self.ctx.shared.append((r.data_ptr(), r.numel()))
+            self.ctx.mark_shared(r)  # K equal row blocks (token ids too: engine/shared.py)
+            self.repeated_inputs += 1
             return r
 
         def arg(v, where):  # an input whose value is a tensor may be in the plan; nested ones never are
@@ -354,6 +424,7 @@ class MultiPointModel(nn.Module):
             return self.forward(x, batch)
         finally:
             self.ctx.unrepeated = []  # no reference to the batch outlives the pass
+            self.ctx.shared = {}
         logits = logits_of(out, getattr(self, "output", None))
         return logits.reshape(K, batch, *logits.shape[1:])
 
@@ -686,8 +757,11 @@ def engine_for(model: nn.Module, slice_: AffineSlice, *, fallback: Iterable[str 
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     first = next(iter(slice_.params.values()), None)
-    names = tuple((k, tuple(p.shape), p.anchors.dtype, p.dirs is not None) for k, p in slice_.params.items())
+    # which tensors are constant decides which parts run once on the B rows (engine/shared.py): part of the key
+    names = tuple((k, tuple(p.shape), p.anchors.dtype, p.dirs is not None, p.constant())
+                  for k, p in slice_.params.items())
     options = (tuple(sorted(map(repr, fallback))), repr(fuse), str(device), channels_last,
+               os.environ.get("LERPFAST_SHARED", "1") != "0",
                None if first is None else first.anchors.dtype, names)
     key = (id(model), options)
     signature = structure_key(model) if cache else None
@@ -731,8 +805,8 @@ def _drop_fallback_copies(mp: MultiPointModel) -> None:
     """
     memo: dict[int, torch.Tensor] = {}
     for layer in mp.layers():
-        if not isinstance(layer, (FallbackModule, PointParamsModule)):  # both swap the points' values in per call
-            continue
+        if not isinstance(layer, (FallbackModule, PointParamsModule, SharedModule)) or isinstance(layer, SharedRegion):
+            continue  # those three swap the points' (or the constant) values in per call
         for rel in layer.slices:
             owner_name, _, attr = rel.rpartition(".")
             owner = layer.inner.get_submodule(owner_name) if owner_name else layer.inner

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+from torch import nn
 from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from lerpfast.engine.layers import MultiPointLayer, _affine, check_calibration
+from lerpfast.engine.layers import MultiPointLayer, _affine, check_calibration, stand_in
 
 __all__ = ["PointTensor", "PointParamsModule", "NeedsFallback"]
 
@@ -194,6 +195,17 @@ class PointParamsModule(MultiPointLayer):
             owner_name, _, attr = k.rpartition(".")
             owner = source.get_submodule(owner_name) if owner_name else source
             self.where[k] = (owner, "_parameters" if attr in owner._parameters else "_buffers", attr)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # its slices (stand-ins) and its own attributes
+        except AttributeError:
+            pass
+        inner = nn.Module.__getattr__(self, "inner")
+        value = getattr(inner, name)  # children (already converted) and configuration read through
+        if torch.is_tensor(value) and name in self.slices:
+            return stand_in(self.name, self.source_type, name, self.slices[name].anchors[0])
+        return value
 
     def forward(self, *args, **kwargs):
         check_calibration(self)
