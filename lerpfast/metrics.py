@@ -34,6 +34,7 @@ __all__ = ["PointMetrics", "METRIC_NAMES", "IGNORE_INDEX", "default_loss", "call
 
 METRIC_NAMES = ("loss", "error", "top5_error", "distance", "disagreement")
 IGNORE_INDEX = -100  # a target left out of the metrics (padding, prompt tokens), as in F.cross_entropy
+_CHUNK_ELEMENTS = 1 << 22  # logits per piece of the float64 path (32 MB in float64)
 
 
 def default_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -161,14 +162,31 @@ class PointMetrics:
                 s[k] += sums[k]
             self.count += n
             return
-        z = logits.reshape(K, -1, C).double()  # (K, N, C), reductions in float64
+        ref = None
+        if ref_logits is not None:  # the reference's softmax, prediction and undefined rows, once per batch
+            r = ref_logits.reshape(-1, C).double()
+            er = torch.exp(r - r.amax(-1, keepdim=True))
+            ref = (er / er.sum(-1, keepdim=True), r.argmax(-1), _nonfinite_rows(r))
+        # the float64 path a few points at a time: its temporaries (about ten times the logits, in float64) stay in
+        # pieces of ~32 MB for large vocabularies (GPT-2: 11 x 256 x 50257 logits) instead of gigabytes
+        lg = logits.reshape(K, n, C)
+        step = max(1, _CHUNK_ELEMENTS // max(1, n * C))
+        for k0 in range(0, K, step):
+            self._update_points(lg[k0:k0 + step], t, by_class, ref, slice(k0, min(K, k0 + step)))
+        self.count += n
+
+    def _update_points(self, logits, t, by_class: bool, ref, points: slice) -> None:
+        """The torch float64 metrics of the points ``points`` ((P, N, C) logits) added to their sums."""
+        s = {k: v[points] for k, v in self.sums.items()}  # views: += writes through
+        K, n, C = logits.shape
+        z = logits.double()  # (K, N, C), reductions in float64
         if by_class:
             tk = t.reshape(1, n, 1).expand(K, n, 1)
             zt = z.gather(-1, tk)  # (K, N, 1): the target's logit
         if self.custom_loss:
             loss = call_loss_fn(self.loss_fn, z.reshape(K * n, C), t.repeat(K))
             s["loss"] += loss.reshape(K, n).double().sum(1)
-        if not self.custom_loss or ref_logits is not None:
+        if not self.custom_loss or ref is not None:
             zmax = z.amax(-1, keepdim=True)
             e = torch.exp(z - zmax)
             se = e.sum(-1, keepdim=True)
@@ -192,14 +210,12 @@ class PointMetrics:
             above = (z > zt) | (z_nan & ~t_nan)
             tie = ((z == zt) | (z_nan & t_nan)) & (cols < tk)
             s["top5_error"] += (((above.sum(-1) + tie.sum(-1)) >= 5) | bad).sum(1).double()
-        if ref_logits is not None:
-            r = ref_logits.reshape(-1, C).double()
-            er = torch.exp(r - r.amax(-1, keepdim=True))
-            diff = e / se - (er / er.sum(-1, keepdim=True))[None]  # softmax(z) - softmax(r)
-            bad_either = bad | _nonfinite_rows(r)[None]
+        if ref is not None:
+            ref_soft, ref_pred, ref_bad = ref
+            diff = e / se - ref_soft[None]  # softmax(z) - softmax(r)
+            bad_either = bad | ref_bad[None]
             s["distance"] += torch.where(bad_either, float("nan"), diff.pow(2).sum(-1)).sum(1)
-            s["disagreement"] += ((pred != r.argmax(-1)[None]) | bad_either).sum(1).double()
-        self.count += n
+            s["disagreement"] += ((pred != ref_pred[None]) | bad_either).sum(1).double()
 
     def compute(self) -> dict[str, np.ndarray]:
         if self.sums is None or self.count == 0:

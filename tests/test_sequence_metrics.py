@@ -107,3 +107,34 @@ def test_ignored_positions_and_bad_labels():
     y_bad[4, 2] = -5
     with pytest.raises(ValueError, match=r"label -5 at position .* outside \[0, 37\).*-100 marks a position"):
         sweep(model, (model, _moved(model)), ALPHAS, (x, y_bad), batch_size=3, progress=False)
+
+
+@pytest.mark.parametrize("custom", [False, True])
+def test_metrics_in_pieces_equal_metrics_at_once(monkeypatch, custom):
+    """The float64 path taken a few points at a time (large vocabularies) gives the same sums as in one piece,
+    reference metrics, top-5 and undefined (NaN / +inf) rows included."""
+    from lerpfast import metrics as M
+
+    g = torch.Generator().manual_seed(0)
+    K, N, C = 5, 6, 9
+    logits = torch.randn(K, N, C, generator=g)
+    logits[1, 2, 3] = float("nan")
+    logits[3, 0, 0] = float("inf")
+    ref = torch.randn(N, C, generator=g)
+    t = torch.randint(0, C, (N,), generator=g)
+    t[4] = IGNORE_INDEX
+    loss_fn = (lambda z, y: F.cross_entropy(z, y, reduction="none") ** 2) if custom else None
+
+    def run():
+        pm = M.PointMetrics(K, loss_fn=loss_fn)
+        pm.update(logits, t, ref)
+        pm.update(logits.flip(0), t, ref)
+        return pm.compute()
+
+    whole = run()
+    monkeypatch.setattr(M, "_CHUNK_ELEMENTS", 2 * N * C)  # two points per piece: pieces of 2, 2, 1
+    pieces = run()
+    assert whole.keys() == pieces.keys() == {"loss", "error", "top5_error", "distance", "disagreement"}
+    for k in whole:
+        np.testing.assert_array_equal(whole[k], pieces[k])
+    assert np.isnan(whole["loss"][1]) and np.isnan(whole["loss"][3]) and np.isfinite(whole["loss"][0])

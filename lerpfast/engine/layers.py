@@ -155,7 +155,9 @@ class MultiPointLayer(nn.Module):
         x1 = x if (x.dim() >= 1 and x.shape[0] == 1) else x.unsqueeze(0)
         ctx.batch = 1
         try:
-            y = self.run(x1.repeat(K, *([1] * (x1.dim() - 1))))  # (K, ...)
+            r = x1.repeat(K, *([1] * (x1.dim() - 1)))
+            ctx.mark_shared(r)  # K equal blocks of one row
+            y = self.run(r)  # (K, ...)
         finally:
             ctx.batch = B
         return y.unsqueeze(1).expand(K, B, *y.shape[1:]).reshape(K * B, *y.shape[1:])
@@ -575,6 +577,17 @@ class MPEmbedding(MultiPointLayer):
 
     def run(self, idx: torch.Tensor) -> torch.Tensor:  # (K*B, ...) int
         K = self.ctx.K
+        p = self.slices["weight"]
+        if self.ctx.is_shared(idx) or self.ctx.is_unrepeated(idx):
+            ids = idx if self.ctx.is_unrepeated(idx) else idx[: idx.shape[0] // K]  # the same tokens at every point
+            if ids.numel() < self.num_embeddings:
+                # only the rows the batch reads, for each point: combine is elementwise, so the rows of the combined
+                # table, bit for bit, at K*N*D instead of K*V*D (GPT-2: 256 tokens of a 50257-row table)
+                flat = ids.reshape(-1)
+                rows = combine(p.anchors[:, flat], None if p.dirs is None else p.dirs[:, flat],
+                               self.ctx.pts.anchor_idx, self.ctx.pts.coefs)  # (K, N, D)
+                self.ctx.note(rows.numel() * rows.element_size())
+                return rows.reshape(K * ids.shape[0], *ids.shape[1:], rows.shape[-1])
         table = self.build("weight")  # (K, V, D)
         offset = torch.arange(K, device=idx.device).reshape(K, *([1] * idx.dim())) * self.num_embeddings
         flat = (_split(idx, K) + offset).reshape(idx.shape)
