@@ -240,8 +240,8 @@ class InstabilityResult:
     seeds : list of int
         Children's data seeds.
     seconds : dict of str to float
-        ``replay``, ``train`` (children trained in this call), ``train_total`` (all children's training, from their
-        summaries), ``sweep``, ``total``.
+        This call's ``replay``, ``train`` (children trained now), ``sweep`` and ``total``; and, whenever it ran,
+        ``replay_total`` (the replay's training time) and ``train_total`` (all children's, from their summaries).
     """
 
     ks: list[int]
@@ -436,6 +436,9 @@ def analyze_instability(run_dir: str | os.PathLike, at, children: int = 2, *, re
     t0 = time.perf_counter()
     states = fork_states(run_dir, ks, replicate=replicate, data=data, progress=progress)
     t_replay = time.perf_counter() - t0
+    replay_resume = base / "replay" / "resume.pt"
+    replay_total = float(torch.load(replay_resume, map_location="cpu", weights_only=True)["elapsed"]) \
+        if replay_resume.is_file() else t_replay
     child_cfg = dataclasses.replace(config, evaluate="none", checkpoints="none")
     theta0 = ckpts[0] if 0 in ckpts else None
     finals: dict[tuple[int, int], Path] = {}
@@ -444,17 +447,16 @@ def analyze_instability(run_dir: str | os.PathLike, at, children: int = 2, *, re
     for k in ks:
         kdir = base / f"k_{k}"
         kdir.mkdir(parents=True, exist_ok=True)
-        hp = dict(meta)
-        hp["fork"] = {"k": k, "parent": str(run_dir), "replicate": replicate, "data_seeds": seeds,
-                      "state": str(states[k])}
-        (kdir / "hparams.json").write_text(json.dumps(hp, indent=2, sort_keys=True))
+        if not (kdir / "hparams.json").is_file():  # the parent's, so load_model / list_checkpoints work on kdir
+            hp = {**meta, "fork": {"k": k, "parent": str(run_dir), "replicate": replicate, "data_seeds": seeds,
+                                   "state": str(states[k])}}
+            (kdir / "hparams.json").write_text(json.dumps(hp, indent=2, sort_keys=True))
         for c, seed in enumerate(seeds):
             cdir = kdir / f"replicate_{c}"
-            done = (cdir / "summary.json").is_file()
-            if not done:
+            if not (cdir / "summary.json").is_file():  # finished children are skipped without loading data
                 log(f"  k={k}: training child {c} (data seed {seed}) from iteration {k} to {meta['total_steps']}")
-            train_from(child_cfg, cdir, state=states[k], data_seed=seed, replicate=replicate, theta0=theta0,
-                       progress=progress, data=data)
+                train_from(child_cfg, cdir, state=states[k], data_seed=seed, replicate=replicate, theta0=theta0,
+                           progress=progress, data=data)
             summary = json.loads((cdir / "summary.json").read_text())
             if summary.get("data_seed") != seed or summary.get("start_step", 0) != k:
                 raise RuntimeError(f"{cdir} holds a child with data seed {summary.get('data_seed')} from step "
@@ -498,8 +500,9 @@ def analyze_instability(run_dir: str | os.PathLike, at, children: int = 2, *, re
     t_sweep = time.perf_counter() - t0
     barriers, endpoints, alpha_arr = _collect(results, ks, pairs, children)
     out = InstabilityResult(ks, pairs, barriers, endpoints, names, store, align, seeds,
-                            {"replay": t_replay, "train": t_train, "train_total": train_total, "sweep": t_sweep,
-                             "total": time.perf_counter() - t_start}, alpha_arr)
+                            {"replay": t_replay, "replay_total": replay_total, "train": t_train,
+                             "train_total": train_total, "sweep": t_sweep, "total": time.perf_counter() - t_start},
+                            alpha_arr)
     suffix = f"_{align}" if align else ""
     (store.parent / f"instability{suffix}.json").write_text(json.dumps(out.to_dict(), indent=2) + "\n")
     return out
@@ -509,15 +512,16 @@ def analyze_instability(run_dir: str | os.PathLike, at, children: int = 2, *, re
 # figure
 
 
-def plot_instability(result: InstabilityResult, metrics: Sequence[str] = ("error", "loss"), *,
-                     title: str | None = None, figsize: tuple[float, float] | None = None):
+def plot_instability(result, metrics: Sequence[str] = ("error", "loss"), *, title: str | None = None,
+                     figsize: tuple[float, float] | None = None):
     """Barrier between children against the fork iteration k, mean +- std over pairs (Frankle et al., Fig. 3).
 
     The x axis is symmetric-log, linear below the smallest k > 0, so k = 0 is shown.
 
     Parameters
     ----------
-    result : InstabilityResult
+    result : InstabilityResult, or a mapping of label to InstabilityResult
+        One curve (with its band) per result.
     metrics : sequence of {"error", "loss"}
         One panel each; the error barrier is the instability.
 
@@ -527,20 +531,25 @@ def plot_instability(result: InstabilityResult, metrics: Sequence[str] = ("error
     """
     from matplotlib.figure import Figure
 
-    ks = np.asarray(result.ks, dtype=np.float64)
-    positive = ks[ks > 0]
-    linthresh = float(positive.min()) if positive.size else 1.0
+    curves = dict(result) if isinstance(result, dict) else {None: result}
+    positive = [k for r in curves.values() for k in r.ks if k > 0]
+    linthresh = float(min(positive)) if positive else 1.0
     fig = Figure(figsize=figsize or (4.2 * len(metrics), 3.2), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics):
-        mean, std = result.mean(metric), result.std(metric)
-        ax.plot(ks, mean, marker="o", ms=4, lw=1.4, color="C0",
-                label=f"{'aligned' if result.align else 'raw'} line, {len(result.pairs)} pair(s)")
-        ax.fill_between(ks, mean - std, mean + std, color="C0", alpha=0.25, lw=0)
+        lows = [0.0]
+        for n, (label, r) in enumerate(curves.items()):
+            ks = np.asarray(r.ks, dtype=np.float64)
+            mean, std = r.mean(metric), r.std(metric)
+            what = f"{'aligned' if r.align else 'raw'} line, {len(r.pairs)} pair(s)"
+            ax.plot(ks, mean, marker="o", ms=4, lw=1.4, color=f"C{n}",
+                    label=f"{label}: {what}" if label is not None else what)
+            ax.fill_between(ks, mean - std, mean + std, color=f"C{n}", alpha=0.25, lw=0)
+            lows.append(float(np.nanmin(mean - std)))
         ax.set_xscale("symlog", linthresh=linthresh)
         ax.set_xlabel("fork iteration k")
         ax.set_ylabel("instability (test error barrier)" if metric == "error" else f"test {metric} barrier")
-        ax.set_ylim(bottom=min(0.0, float(np.nanmin(mean - std))))
+        ax.set_ylim(bottom=min(lows))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small", frameon=False)
     if title:

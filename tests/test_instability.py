@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import lerpfast
 from lerpfast import cli
 from lerpfast.instability import (
     analyze_instability,
@@ -216,6 +217,9 @@ def test_plot(parent, tmp_path):
     axes = fig.get_axes()
     assert len(axes) == 2 and axes[0].get_xscale() == "symlog"
     np.testing.assert_allclose(axes[0].lines[0].get_ydata(), res.mean("error"))
+    two = plot_instability({"a": res, "b": res}, metrics=("error",)).get_axes()
+    assert len(two) == 1 and len(two[0].lines) == 2
+    assert lerpfast.analyze_instability is analyze_instability  # the lazy top-level export
 
 
 def test_cli_quick_and_errors(tmp_path, capsys):
