@@ -530,6 +530,7 @@ def plot_instability(result, metrics: Sequence[str] = ("error", "loss"), *, titl
     matplotlib.figure.Figure
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
 
     curves = dict(result) if isinstance(result, dict) else {None: result}
     positive = [k for r in curves.values() for k in r.ks if k > 0]
@@ -547,6 +548,9 @@ def plot_instability(result, metrics: Sequence[str] = ("error", "loss"), *, titl
             ax.fill_between(ks, mean - std, mean + std, color=f"C{n}", alpha=0.25, lw=0)
             lows.append(float(np.nanmin(mean - std)))
         ax.set_xscale("symlog", linthresh=linthresh)
+        ticks = sorted({k for r in curves.values() for k in r.ks})
+        ax.set_xticks(ticks, [str(k) for k in ticks], fontsize="small")  # the forks themselves, k = 0 included
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("fork iteration k")
         ax.set_ylabel("instability (test error barrier)" if metric == "error" else f"test {metric} barrier")
         ax.set_ylim(bottom=min(lows))
