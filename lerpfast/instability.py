@@ -569,10 +569,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``lerpfast instability`` on a sub-parser collection."""
     p = sub.add_parser(
         "instability", help="fork a training run at iterations k, train children, barrier between them vs k",
-        description="Instability analysis (Frankle, Dziugaite, Roy & Carbin 2020): fork the run at each iteration k "
-                    "into children with new data orders (the parent's exact state at k, replayed and checked "
-                    "against its checkpoint), train each to the end, sweep every child <-> child line and report "
-                    "the error barrier against k. Everything resumes when run again.",
+        description="Instability analysis (Frankle, Dziugaite, Roy & Carbin 2020): fork the run at each iteration\n"
+                    "k into children with new data orders (the parent's exact state at k, replayed and checked\n"
+                    "against its checkpoint), train each to the end, sweep every child <-> child line and report\n"
+                    "the test-error barrier against k. Everything resumes when run again.",
         epilog="examples:\n"
                "  lerpfast train --model lenet_300_100 --dataset fashion-mnist --steps 5ep "
                "--checkpoints 0,100,500,2000\n"

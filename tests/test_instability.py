@@ -234,3 +234,19 @@ def test_cli_quick_and_errors(tmp_path, capsys):
     assert cli.main(["instability", "--run", str(run), "--at", "10"]) == cli.EXIT_DATA
     assert "no checkpoint at k=10" in capsys.readouterr().err
     assert cli.main(["instability", "--run", str(run), "--at", "0", "--children", "1"]) == cli.EXIT_USAGE
+
+
+def test_an_interrupted_child_is_resumed_by_the_analysis(parent, tmp_path):
+    parent = shutil.copytree(parent, tmp_path / "run", ignore=shutil.ignore_patterns("instability"))
+    cfg = load_config(parent)
+    seed = child_seeds(cfg.seeds(0)[1], 2)[0]
+    state = fork_states(parent, [30])[30]
+    ref = train_from(cfg, tmp_path / "ref", state=state, data_seed=seed, progress=False)
+    cut = parent / "instability" / "k_30" / "replicate_0"
+    train_from(cfg, cut, state=state, data_seed=seed, stop=45, progress=False)  # as if killed at step 45
+    assert json.loads((cut / "log.jsonl").read_text().splitlines()[-1])["step"] == 45
+    assert not (cut / "summary.json").exists()
+    analyze_instability(parent, [30], 2, alphas="0:1:3", store=tmp_path / "r.h5")
+    assert json.loads((cut / "log.jsonl").read_text().splitlines()[0])["step"] == 31  # one log, continued
+    _assert_equal(torch.load(cut / "checkpoints" / "step_60.pt", weights_only=True),
+                  torch.load(ref / "checkpoints" / "step_60.pt", weights_only=True))
