@@ -410,7 +410,7 @@ def analyze_instability(run_dir: str | os.PathLike, at, children: int = 2, *, re
     Returns
     -------
     InstabilityResult
-        Also written to ``instability.json`` next to the store's default place.
+        Also written to ``instability.json`` next to the store (``instability_<align>.json`` when aligned).
     """
     import torch
 
