@@ -2,7 +2,7 @@
 
 Sub-commands: ``sweep`` (line, bilinear, barycentric, plane, random, ray), ``merge`` (wiseft, soup,
 task-arithmetic), ``show``, ``plot``, ``train``,
-``reproduce``, ``warmup``, ``data``, ``bench``, ``demo``. Options of ``sweep`` are generated from
+``reproduce``, ``instability``, ``warmup``, ``data``, ``bench``, ``demo``. Options of ``sweep`` are generated from
 :class:`SweepOptions` (field help texts), those of ``train`` from :class:`lerpfast.train.TrainConfig`.
 
 Exit codes: 0 success; 2 usage (bad option or value); 3 data or checkpoint problem; 4 result-store problem
@@ -948,6 +948,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     _add_external(sub, "warmup", "lerpfast.kernels.warmup", "compile a model's Triton kernels", command == "warmup")
     _add_external(sub, "reproduce", "lerpfast.reproduce", "reproduce a paper's experiments and check its claims",
                   command == "reproduce")
+    _add_external(sub, "instability", "lerpfast.instability",
+                  "fork a training run at iterations k, train children, error barrier between them vs k",
+                  command == "instability")
     _add_bench(sub)
     _add_demo(sub)
     return parser

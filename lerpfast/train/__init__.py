@@ -21,11 +21,13 @@ from lerpfast.train.trainer import (
     load_model,
     read_log,
     train,
+    train_from,
 )
 
 __all__ = [
     "TrainConfig",
     "train",
+    "train_from",
     "list_checkpoints",
     "load_config",
     "load_model",

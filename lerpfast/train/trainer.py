@@ -12,6 +12,9 @@ Every optimizer is driven the same way: ``optimizer.step(closure)`` where the cl
 the current minibatch (the RK2 optimizers call it twice). The data position is a pure function of the step:
 step ``s`` uses batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``, and each epoch's order comes
 from ``(data_seed, epoch)`` only (``lerpfast.data.DeviceLoader.iter_from``), so resuming is exact.
+
+:func:`train_from` runs the same loop from a saved exact state (a ``resume.pt``, or a state kept with
+``save_states``) with a data seed of its own: a fork of a run at step k (``lerpfast.instability``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from lerpfast.train.schedule import lr_factor, parse_checkpoints, parse_steps
 
 __all__ = [
     "train",
+    "train_from",
     "StepContext",
     "TensorLoader",
     "list_checkpoints",
@@ -332,14 +336,9 @@ def train(config: TrainConfig, *, progress: bool = True, callbacks: Sequence[Cal
         ``<out_dir>/train_<hash>``. Finished replicates are skipped when called again; unfinished ones resume.
     """
     c = config.resolved()
-    device = _device(c.device)
     run_dir = Path(c.out_dir) / c.run_name()
     run_dir.mkdir(parents=True, exist_ok=True)
-    train_data, test_data = _load_data(c, device, data)
-    steps_per_epoch = len(train_data)
-    total = parse_steps(c.steps, steps_per_epoch)
-    in_shape = tuple(int(s) for s in train_data.input_shape)
-    num_classes = int(train_data.num_classes)  # for regression (TensorLoader, float targets): the output size
+    device, train_data, test_data, steps_per_epoch, total, in_shape, num_classes = _setup(c, data)
     meta = {
         "config": c.to_dict(),
         "non_default": c.non_default(),
@@ -358,21 +357,120 @@ def train(config: TrainConfig, *, progress: bool = True, callbacks: Sequence[Cal
     tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
     os.replace(tmp, hp)
     for r in range(c.replicates):
-        _train_replicate(c, r, run_dir, train_data, test_data, device, in_shape, num_classes, steps_per_epoch, total,
-                         progress, callbacks)
+        init_seed, data_seed = c.seeds(r)
+        _train_replicate(c, r, run_dir, run_dir / f"replicate_{r}", train_data, test_data, device, in_shape,
+                         num_classes, steps_per_epoch, total, progress, callbacks, init_seed=init_seed,
+                         data_seed=data_seed)
     return run_dir
 
 
-def _train_replicate(c: TrainConfig, replicate: int, run_dir: Path, train_data, test_data, device: torch.device,
-                     in_shape: tuple[int, ...], num_classes: int, steps_per_epoch: int, total: int, progress: bool,
-                     callbacks: Sequence[Callback]) -> None:
-    rdir = run_dir / f"replicate_{replicate}"
+def _setup(c: TrainConfig, data):
+    """Device, loaders and lengths of a resolved config: what :func:`train` and :func:`train_from` share."""
+    device = _device(c.device)
+    train_data, test_data = _load_data(c, device, data)
+    steps_per_epoch = len(train_data)
+    total = parse_steps(c.steps, steps_per_epoch)
+    in_shape = tuple(int(s) for s in train_data.input_shape)
+    num_classes = int(train_data.num_classes)  # for regression (TensorLoader, float targets): the output size
+    return device, train_data, test_data, steps_per_epoch, total, in_shape, num_classes
+
+
+_STATE_KEYS = ("step", "model", "optimizer", "optimizer_name", "base_lr", "rng_cpu")
+
+
+def _load_state(state, total: int) -> dict[str, Any]:
+    """An exact training state (the ``resume.pt`` format) from a dict or a file, checked."""
+    where = "state"
+    if not isinstance(state, dict):
+        where = str(state)
+        if not Path(state).is_file():
+            raise FileNotFoundError(f"training state {where} does not exist")
+        state = torch.load(state, map_location="cpu", weights_only=True)
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"{where} is not an exact training state (resume.pt format): missing {', '.join(missing)}")
+    if not 0 <= int(state["step"]) <= total:
+        raise ValueError(f"{where} is at step {state['step']}, outside the run's 0..{total} steps")
+    return state
+
+
+def train_from(config: TrainConfig, out_dir: str | os.PathLike, *, state=None, data_seed: int | None = None,
+               replicate: int = 0, stop: int | None = None, save_states: Sequence[int] = (),
+               theta0: str | os.PathLike | None = None, progress: bool = True, callbacks: Sequence[Callback] = (),
+               data=None) -> Path:
+    """Train one replicate of ``config`` into ``out_dir``, from a saved exact state and with a data seed of its own.
+
+    The loop is :func:`train`'s: the same learning-rate schedule, checkpoint schedule, optimizer switch, logging and
+    exact resume. Starting from the state of a run at step k (weights, optimizer state, optimizer name and base rate
+    after a switch, RNG, step counter) with the run's own data seed continues that run bit for bit; with another
+    seed it is a fork of the run at k whose data order from step k on is that seed's (step ``s`` takes batch
+    ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch`` in the order of ``(data_seed, epoch)``, so a fork
+    inside an epoch finishes that epoch in its own order).
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The run's hyper-parameters (training length, schedule, optimizer, checkpoints).
+    out_dir : str or PathLike
+        A replicate directory: ``checkpoints/step_<s>.pt`` (the start step, the schedule's steps after it and the
+        final step), ``log.jsonl``, ``resume.pt``, ``summary.json`` and, with ``save_states``, ``states/``. When it
+        holds a ``resume.pt`` training resumes from there (``state`` is then not read), and a finished one returns
+        at once.
+    state : dict, str or PathLike, optional
+        An exact training state in the ``resume.pt`` format (a run's ``resume.pt``, or ``states/step_<k>.pt`` kept
+        with ``save_states``). Default: the initialization of ``replicate`` (``torch.manual_seed(init seed)``).
+    data_seed : int, optional
+        Data-order seed from the start on; default: the replicate's (``config.seeds(replicate)``).
+    replicate : int
+        Replicate whose seeds are the defaults.
+    stop : int, optional
+        Stop after this many steps (a resume point is written there; ``summary.json`` only at the end of training).
+        Calling again with a later ``stop`` (or None) continues.
+    save_states : sequence of int
+        Steps at which to keep the exact state as ``states/step_<s>.pt`` (the ``state`` of a later fork).
+    theta0 : str or PathLike, optional
+        Checkpoint the logged ``dist_init`` is measured from (default: the first one, ``checkpoints/step_0.pt``,
+        or the start state's ``step_<k>.pt``; a fork passes its parent's ``step_0.pt`` to log the parent's).
+    progress, callbacks, data
+        As for :func:`train`.
+
+    Returns
+    -------
+    Path
+        ``out_dir``.
+    """
+    c = config.resolved()
+    out_dir = Path(out_dir)
+    device, train_data, test_data, steps_per_epoch, total, in_shape, num_classes = _setup(c, data)
+    init_seed, default_data_seed = c.seeds(replicate)
+    if stop is not None and not 0 <= int(stop) <= total:
+        raise ValueError(f"stop={stop} is outside the run's 0..{total} steps")
+    bad = [s for s in save_states if not 0 <= int(s) <= total]
+    if bad:
+        raise ValueError(f"save_states {bad} are outside the run's 0..{total} steps")
+    start = None
+    if state is not None and not (out_dir / "resume.pt").exists():
+        start = _load_state(state, total)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _train_replicate(c, replicate, out_dir.parent, out_dir, train_data, test_data, device, in_shape, num_classes,
+                     steps_per_epoch, total, progress, callbacks, init_seed=init_seed,
+                     data_seed=default_data_seed if data_seed is None else int(data_seed), start=start,
+                     theta0_path=None if theta0 is None else Path(theta0), stop=stop,
+                     save_states=frozenset(int(s) for s in save_states))
+    return out_dir
+
+
+def _train_replicate(c: TrainConfig, replicate: int, run_dir: Path, rdir: Path, train_data, test_data,
+                     device: torch.device, in_shape: tuple[int, ...], num_classes: int, steps_per_epoch: int,
+                     total: int, progress: bool, callbacks: Sequence[Callback], *, init_seed: int, data_seed: int,
+                     start: dict[str, Any] | None = None, theta0_path: Path | None = None, stop: int | None = None,
+                     save_states: frozenset[int] = frozenset()) -> None:
     ckdir = rdir / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     resume_path, log_path, summary_path = rdir / "resume.pt", rdir / "log.jsonl", rdir / "summary.json"
-    init_seed, data_seed = c.seeds(replicate)
     if hasattr(train_data, "seed"):
         train_data.seed = data_seed
+    end = total if stop is None else min(int(stop), total)
 
     ckpt_steps = parse_checkpoints(c.checkpoints, total, steps_per_epoch) | {0, total}
     resume_every = max(1, parse_steps(c.resume_every, steps_per_epoch, total))
@@ -394,24 +492,28 @@ def _train_replicate(c: TrainConfig, replicate: int, run_dir: Path, train_data, 
     opt_name, base_lr = c.optimizer, c.lr
     step, elapsed = 0, 0.0
     resume = torch.load(resume_path, map_location="cpu", weights_only=True) if resume_path.exists() else None
-    if resume is not None and resume.get("done"):
+    if resume is not None and (resume.get("done") or resume["step"] >= end):
         return
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        step, elapsed = resume["step"], resume["elapsed"]
-        opt_name, base_lr = resume["optimizer_name"], resume["base_lr"]
+    state = resume if resume is not None else start  # start: a fork's exact state at its first step
+    if state is not None:
+        model.load_state_dict(state["model"])
+        step, elapsed = int(state["step"]), (resume["elapsed"] if resume is not None else 0.0)
+        opt_name, base_lr = state["optimizer_name"], state["base_lr"]
     optimizer = _make_optimizer(opt_name, list(model.parameters()), base_lr, c)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state.get("rng_cuda") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        torch.set_rng_state(resume["rng_cpu"])
-        if resume.get("rng_cuda") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(resume["rng_cuda"], device)
         with open(log_path, "r+b") as f:  # drop records written after the resume point
             f.truncate(resume["log_offset"])
     else:
         log_path.write_text("")
-        _atomic_save(_cpu_state_dict(model), ckdir / "step_0.pt")
-    theta0 = [t.to(device) for t in torch.load(ckdir / "step_0.pt", map_location="cpu", weights_only=True).values()]
+        _atomic_save(_cpu_state_dict(model), ckdir / f"step_{step}.pt")  # step 0, or a fork's first step
+    first_step = int(resume.get("start_step", 0)) if resume is not None else step  # > 0 for a fork
+    theta0_path = theta0_path or ckdir / f"step_{first_step}.pt"
+    theta0 = [t.to(device) for t in torch.load(theta0_path, map_location="cpu", weights_only=True).values()]
     names = list(model.state_dict().keys())
     param_ids = {id(p) for p in model.parameters()}
     sd = model.state_dict(keep_vars=True)
@@ -438,15 +540,20 @@ def _train_replicate(c: TrainConfig, replicate: int, run_dir: Path, train_data, 
         log_f.write(json.dumps(rec) + "\n")
         log_f.flush()
 
-    def save_resume(done: bool = False) -> None:
+    def save_resume(done: bool = False, path: Path = resume_path) -> None:
         flush()
         state = {
             "step": step, "model": _cpu_state_dict(model), "optimizer": optimizer.state_dict(),
             "optimizer_name": opt_name, "base_lr": base_lr, "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "log_offset": log_f.tell(), "elapsed": elapsed + (time.perf_counter() - t_start), "done": done,
+            "start_step": first_step,
         }
-        _atomic_save(state, resume_path)
+        _atomic_save(state, path)
+
+    def keep_state() -> None:  # an exact state to fork from later (train_from(state=...))
+        (rdir / "states").mkdir(exist_ok=True)
+        save_resume(path=rdir / "states" / f"step_{step}.pt")
 
     def run_eval(events: list[str]) -> dict[str, float]:
         m = evaluate(model, test_data, c.loss, bf16=c.bf16)
@@ -460,17 +567,19 @@ def _train_replicate(c: TrainConfig, replicate: int, run_dir: Path, train_data, 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=step, desc=f"replicate {replicate}", dynamic_ncols=True, mininterval=1.0)
-    if step == 0 and resume is None:
-        if 0 in eval_steps:
+    if resume is None:  # step 0, or a fork's first step
+        if step in eval_steps:
             run_eval([])
+        if step in save_states:
+            keep_state()
         save_resume()
 
     last_metrics: dict[str, float] = {}
     try:
-        while step < total:
+        while step < end:
             epoch, start_batch = divmod(step, steps_per_epoch)
             for x, y in _epoch_batches(train_data, epoch, start_batch):
-                if step >= total:
+                if step >= end:
                     break
                 events: list[str] = []
                 if switch_step is not None and step == switch_step and opt_name != c.switch_optimizer:
@@ -509,7 +618,9 @@ def _train_replicate(c: TrainConfig, replicate: int, run_dir: Path, train_data, 
                     events.append("checkpoint")
                 if step in eval_steps:
                     last_metrics = run_eval(events)
-                if step in ckpt_steps or step % resume_every == 0:
+                if step in save_states:
+                    keep_state()
+                if step in ckpt_steps or step % resume_every == 0 or step == end:
                     if step < total:
                         save_resume()
                         events.append("resume_point")
@@ -523,11 +634,15 @@ def _train_replicate(c: TrainConfig, replicate: int, run_dir: Path, train_data, 
                                       opt_name, c, events, dict(last_metrics) if "eval" in events else {})
                     for cb in callbacks:
                         cb(ctx)
+        if step < total:  # stopped early (train_from's stop): resume.pt holds the state, no summary yet
+            return
         wall = elapsed + (time.perf_counter() - t_start)
         if total not in eval_steps and test_data is not None:
             last_metrics = run_eval([])
         summary = {"replicate": replicate, "init_seed": init_seed, "data_seed": data_seed, "final_step": total,
                    "wall_time_s": round(wall, 3), **last_metrics}
+        if first_step:
+            summary["start_step"] = first_step
         summary_path.write_text(json.dumps(summary, indent=2))
         save_resume(done=True)
     finally:
