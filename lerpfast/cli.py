@@ -58,6 +58,10 @@ SLICE_KINDS = {
 }
 
 
+# paths from theta_a (0) to theta_b (1) whose summaries are a line's (max increase, barrier): lines and curves
+PATH_KINDS = ("line", "bezier", "polychain")
+
+
 @dataclass
 class ModelSourceOptions:
     """The model and checkpoint options that ``lerpfast sweep`` and ``lerpfast merge`` share."""
@@ -383,7 +387,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         i = int(np.nanargmin(loss))
         where = ", ".join(f"{n}={c:.4g}" for n, c in zip(res.coord_names, res.coords[i]))
         summary = f"  min loss {loss[i]:.4g} at {where}"
-        if res.grid_shape is None and res.kind == "line":
+        if res.grid_shape is None and res.kind in PATH_KINDS:
             summary += (f"; max increase: loss {max_increase(res.alphas, loss):.4g}, "
                         f"error {max_increase(res.alphas, res.metrics['error']):.4g}; "
                         f"barrier: loss {barrier(res.alphas, loss):.4g}")
@@ -724,7 +728,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     rows = sorted(store.summary(), key=lambda r: _natural(r["name"]))  # t=16 before t=1024
     for row in rows:
         row["max_increase_loss"] = row["barrier_loss"] = None
-        if row["kind"] == "line" and row["done"] == row["total"]:
+        if row["kind"] in PATH_KINDS and row["done"] == row["total"]:
             res = store.read(row["name"])
             if res.grid_shape is None and "loss" in res.metrics:
                 row["max_increase_loss"] = max_increase(res.alphas, res.metrics["loss"])
