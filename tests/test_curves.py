@@ -3,9 +3,10 @@
 Slices: every point of an engine sweep against a float64 oracle written here from Garipov et al.'s formulas (each
 point's state dict built in float64, loaded into a float64 copy of the model, run), on an MLP of odd widths and a
 conv net with batch norm; the endpoints (and the chain's bend) are the checkpoints bit for bit; the store, resume,
-plots and ``lerpfast show`` take them like lines. Fitting: the batched gradient (T points in one vmapped forward,
-fp32) against the float64 loop (one t at a time, summed), with batch norm; batched and one-t-per-forward training
-take the same steps; training lowers the loss along the curve; bad input names the argument.
+plots and ``lerpfast show`` take them like lines. Fitting: the batched gradient (T points in one forward of the
+multi-point engine or of vmap, fp32) against the float64 loop (one t at a time, summed), with batch norm on batch
+statistics; the engine, vmap and the one-t-per-forward loop take the same steps; training lowers the loss along the
+curve; bad input names the argument.
 """
 
 from __future__ import annotations
@@ -227,29 +228,37 @@ class TinyBN(nn.Module):
         return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
 
 
+@pytest.mark.parametrize("method", ["engine", "vmap"])
 @pytest.mark.parametrize("kind", ["bezier", "polychain"])
-def test_batched_gradient_equals_float64_loop(kind):
-    """d/d bend of the mean loss over T t's: one vmapped fp32 forward against a float64 loop over the t's."""
-    model = TinyBN()
+@pytest.mark.parametrize("name", ["tinybn", "mlp"])
+def test_batched_gradient_equals_float64_loop(kind, method, name):
+    """d/d bend of the mean loss over T t's: one batched fp32 forward against a float64 loop over the t's."""
+    if name == "tinybn":
+        model = TinyBN()
+        g = torch.Generator().manual_seed(4)
+        x, y = torch.randn(11, 2, 5, 3, generator=g), torch.randint(0, 4, (11,), generator=g)
+    else:
+        model, (x, y) = _model("mlp")
     a, bend, b = _three(model, seed=3)
-    g = torch.Generator().manual_seed(4)
-    x, y = torch.randn(11, 2, 5, 3, generator=g), torch.randint(0, 4, (11,), generator=g)
-    ts = torch.tensor([0.03, 0.2, 0.45, 0.5, 0.55, 0.81, 0.97])
+    ts = torch.tensor([0.03, 0.2, 0.45, 0.5, 0.55, 0.81, 0.97, 0.3, 0.66])  # T = 9 > the 4-5 anchors + directions
 
     obj = CurveObjective(model, a, b, kind)
     bend32 = {n: bend[n].clone().requires_grad_(True) for n in obj.names}
-    obj.batched_loss(bend32, ts, x, y).mean().backward()
+    loss32 = obj.losses(bend32, ts, x, y, method)
+    assert loss32.shape == (len(ts),)
+    loss32.mean().backward()
 
     ref = CurveObjective(model.double(), _f64(a), _f64(b), kind, dtype=torch.float64)
     bend64 = {n: bend[n].double().requires_grad_(True) for n in ref.names}
-    total = sum(ref.point_loss(bend64, float(t), x.double(), y) for t in ts) / len(ts)
-    total.backward()
+    losses64 = [ref.point_loss(bend64, float(t), x.double(), y) for t in ts]
+    (sum(losses64) / len(ts)).backward()
+    assert torch.allclose(loss32.double(), torch.stack(losses64).detach(), rtol=1e-5, atol=1e-6)
     for n in obj.names:
         g32, g64 = bend32[n].grad.double(), bend64[n].grad
         assert g64.abs().max() > 0, n
         assert torch.allclose(g32, g64, rtol=1e-4, atol=1e-6), (n, (g32 - g64).abs().max())
-    # the reference is the plain model: the loss at one t equals the model loaded with that point, in train mode
-    net = copy.deepcopy(model).double().train()
+    # the reference is the plain model: the loss at one t equals the model loaded with that point (batch statistics)
+    net = copy.deepcopy(model).double().eval()
     net.load_state_dict(curve_point(kind, _f64(a), _f64(bend), _f64(b), 0.3))
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):  # batch statistics, running ones untouched
@@ -259,17 +268,21 @@ def test_batched_gradient_equals_float64_loop(kind):
         assert torch.allclose(F.cross_entropy(net(x.double()), y), ref.point_loss(_f64(bend), 0.3, x.double(), y))
 
 
-def test_batched_and_one_t_per_forward_take_the_same_steps():
-    model, (x, y) = _model("mlp")
+def test_every_method_takes_the_same_steps():
+    model, (x, y) = _model("convbn")
     a, _, b = _three(model)
     kw = dict(kind="polychain", epochs=2, lr=0.1, ts_per_batch=5, batch_size=8, seed=1)
-    one = fit_curve(model, a, b, (x, y), batched=True, **kw)
-    loop = fit_curve(model, a, b, (x, y), batched=False, **kw)
-    assert one.steps == loop.steps == 10 and len(one.history) == 2
-    assert np.allclose(one.history, loop.history, rtol=1e-5)
-    for k, v in one.bend.items():
-        assert torch.allclose(v, loop.bend[k], rtol=1e-5, atol=1e-6), k
-    assert set(one.bend) == set(model.state_dict())
+    fits = {m: fit_curve(model, a, b, (x, y), method=m, **kw) for m in ("engine", "vmap", "loop")}
+    ref = fits["loop"]
+    assert ref.steps == 6 and len(ref.history) == 2 and set(ref.bend) == set(model.state_dict())
+    for m, fit in fits.items():
+        assert fit.method == m and fit.steps == ref.steps
+        assert np.allclose(fit.history, ref.history, rtol=1e-5)
+        for k, v in fit.bend.items():
+            assert torch.allclose(v, ref.bend[k], rtol=1e-5, atol=1e-6), (m, k)
+    mid = {k: (a[k] + b[k]) / 2 for k in a if a[k].is_floating_point()}
+    assert any(not torch.allclose(ref.bend[k], mid[k]) for k in mid if "running" not in k)  # it moved
+    assert all(torch.equal(ref.bend[k], mid[k]) for k in mid if "running" in k)  # placeholders: the midpoint
 
 
 def _two_solutions():
@@ -314,6 +327,8 @@ def test_fit_curve_bad_input():
         fit_curve(model, a, b, data, epochs=0)
     with pytest.raises(ValueError, match="ts_per_batch=2.5"):
         fit_curve(model, a, b, data, ts_per_batch=2.5)
+    with pytest.raises(ValueError, match="method='jit'"):
+        fit_curve(model, a, b, data, method="jit")
     with pytest.raises(ValueError, match="lr=-1"):
         fit_curve(model, a, b, data, lr=-1)
     with pytest.raises(CheckpointError, match="theta_b"):

@@ -56,6 +56,11 @@ class ParamSlice:
         """(M+J, *S): anchors then directions as one tensor without a copy, when they lie back to back in one
         storage (as :mod:`lerpfast.geometry` builds them); else None."""
         a, d = self.anchors, self.dirs
+        if d is not None and torch.is_grad_enabled() and (a.requires_grad or d.requires_grad):
+            # autograd takes an as_strided view as lying within its input's extent: through ``a`` it would pass the
+            # gradient of the anchors' rows only and drop the directions' (lerpfast.fit_curve trains a bend point
+            # through these tensors); the caller's torch.cat copy is differentiable
+            return None
         if (d is None or a.dtype != d.dtype or a.device != d.device or not a.is_contiguous() or not d.is_contiguous()
                 or a.shape[1:] != d.shape[1:] or a.untyped_storage().data_ptr() != d.untyped_storage().data_ptr()
                 or d.data_ptr() != a.data_ptr() + a.numel() * a.element_size()):
