@@ -1,7 +1,7 @@
 """``lerpfast``: the command line.
 
 Sub-commands: ``sweep`` (line, bilinear, barycentric, plane, random, ray), ``merge`` (wiseft, soup,
-task-arithmetic), ``show``, ``plot``, ``train``,
+task-arithmetic), ``curve`` (fit a curve between two solutions), ``show``, ``plot``, ``train``,
 ``reproduce``, ``warmup``, ``data``, ``bench``, ``demo``. Options of ``sweep`` are generated from
 :class:`SweepOptions` (field help texts), those of ``train`` from :class:`lerpfast.train.TrainConfig`.
 
@@ -952,6 +952,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     _add_external(sub, "warmup", "lerpfast.kernels.warmup", "compile a model's Triton kernels", command == "warmup")
     _add_external(sub, "reproduce", "lerpfast.reproduce", "reproduce a paper's experiments and check its claims",
                   command == "reproduce")
+    _add_external(sub, "curve", "lerpfast.curves", "fit a curve between two solutions (Bezier, polygonal chain)",
+                  command == "curve")
     _add_bench(sub)
     _add_demo(sub)
     return parser

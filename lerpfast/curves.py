@@ -29,7 +29,9 @@ the loss and error along the curves against the straight line (README, "Curves b
 
 from __future__ import annotations
 
+import argparse
 import copy
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -311,3 +313,233 @@ def _bend_state(state_a: dict, state_b: dict, bend: dict[str, torch.Tensor]) -> 
         else:
             out[k] = v.clone()
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `lerpfast curve` and the demo
+
+
+def _has_bn(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def compare_paths(model: nn.Module, theta_a, theta_b, bends: dict, test, *, points: int = 41, store=None,
+                  bn_data=None, device="cpu") -> dict:
+    """Sweep the straight line and each fitted curve between ``theta_a`` and ``theta_b`` on ``test`` and summarize.
+
+    Parameters
+    ----------
+    bends : ``{"bezier": bend, "polychain": bend}`` (any subset), the trained bend points.
+    test : evaluation data (anything ``lerpfast.sweep`` takes).
+    points : t's per path, evenly spaced in [0, 1].
+    store : HDF5 file the sweeps go into (names ``line``, ``bezier``, ``polychain``), or None.
+    bn_data : data for ``bn="recompute"`` (used when the model has batch norm: every point recalibrated).
+
+    Returns
+    -------
+    dict
+        ``{"results": {name: SweepResult}, "summary": {name: {"loss_barrier", "error_barrier", "max_loss",
+        "max_error", "loss_mid", "error_mid"}}}``; barriers are :func:`lerpfast.analysis.barrier` (height above the
+        chord between the endpoints).
+    """
+    from lerpfast.analysis import barrier
+    from lerpfast.evaluate import sweep
+    from lerpfast.geometry import Bezier, Line, PolyChain
+
+    ts = f"0:1:{points}"
+    bn = dict(bn="recompute", bn_data=bn_data) if _has_bn(model) and bn_data is not None else {}
+    specs = {"line": Line(theta_a, theta_b, ts)}
+    for kind, bend in bends.items():
+        specs[kind] = (Bezier if kind == "bezier" else PolyChain)(theta_a, bend, theta_b, ts=ts)
+    results, summary = {}, {}
+    for name, spec in specs.items():
+        res = sweep(model, spec, data=test, store=store, name=None if store is None else name, device=device,
+                    progress=False, **bn)
+        results[name] = res
+        mid = int(np.argmin(np.abs(res.alphas - 0.5)))
+        summary[name] = {"loss_barrier": barrier(res.alphas, res.loss), "error_barrier": barrier(res.alphas, res.error),
+                         "max_loss": float(np.nanmax(res.loss)), "max_error": float(np.nanmax(res.error)),
+                         "loss_mid": float(res.loss[mid]), "error_mid": float(res.error[mid]),
+                         "loss_ends": [float(res.loss[0]), float(res.loss[-1])],
+                         "error_ends": [float(res.error[0]), float(res.error[-1])]}
+    return {"results": results, "summary": summary}
+
+
+def format_summary(summary: dict) -> str:
+    """The table :func:`compare_paths` summarizes, one row per path."""
+    lines = [f"{'path':<10} {'loss barrier':>12} {'error barrier':>13} {'max loss':>9} {'max error':>9} "
+             f"{'error at t=0 / 1':>17}"]
+    for name, s in summary.items():
+        lines.append(f"{name:<10} {s['loss_barrier']:>12.4f} {s['error_barrier']:>13.4f} {s['max_loss']:>9.4f} "
+                     f"{s['max_error']:>9.4f} {s['error_ends'][0]:>8.4f} {s['error_ends'][1]:.4f}")
+    return "\n".join(lines)
+
+
+def plot_paths(results: dict, title: str | None = None):
+    """Loss and error along the line and the curves (``lerpfast.plot.plot_lines`` against t)."""
+    from lerpfast.plot import plot_lines
+
+    labels = {"line": "straight line", "bezier": "Bezier curve (trained)", "polychain": "polygonal chain (trained)"}
+    curves = {labels.get(k, k): v for k, v in results.items()}
+    return plot_lines(curves, xlabel="t (alpha for the line)", title=title, cmap="plasma")
+
+
+def run_demo(out: str = "lerpfast-curves", *, quick: bool = False, epochs: int | None = None,
+             device: str = "cpu", log=print) -> dict:
+    """Two LeNet-300-100s from different seeds on scikit-learn's real 8x8 digits; a Bezier curve and a polygonal chain
+    fitted between them; loss and error along both curves and the straight line on the test split.
+
+    Trains with ``lerpfast.train`` (seeds 0 and 1, SGD lr 0.1, batch 128, 40 epochs; ``quick``: 20), fits each curve
+    for ``epochs`` epochs (default 30, ``quick`` 10; T = 8 t's per batch, lr 0.05, momentum 0.9) and writes
+    ``<out>/curves.h5`` (sweeps ``line``, ``bezier``, ``polychain``, 41 points each), ``curves.png``,
+    ``bend_bezier.pt``, ``bend_polychain.pt`` and ``summary.json``. Returns the summary.
+    """
+    import json
+    from pathlib import Path
+
+    import lerpfast.data as ld
+    from lerpfast.plot import save
+    from lerpfast.train import TrainConfig, list_checkpoints, load_model, train
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    run = train(TrainConfig(model="lenet_300_100", dataset="digits", steps="20ep" if quick else "40ep", replicates=2,
+                            checkpoints="none", evaluate="end", out_dir=str(out_dir / "runs"), device=device),
+                progress=False)
+    ends = [list_checkpoints(run, r) for r in (0, 1)]
+    theta_a, theta_b = (c[max(c)] for c in ends)
+    model = load_model(run).eval()
+    t_train = time.perf_counter() - t_start
+    train_data = ld.load("digits", "train", train=True, batch_size=128, device=device)
+    test = ld.load("digits", "test", batch_size=1000, device=device)
+    n_epochs = epochs or (10 if quick else 30)
+    bends, fits = {}, {}
+    for kind in CURVE_KINDS:
+        fit = fit_curve(model, theta_a, theta_b, train_data, kind=kind, epochs=n_epochs, lr=0.05, ts_per_batch=8,
+                        device=device)
+        torch.save(fit.bend, out_dir / f"bend_{kind}.pt")
+        bends[kind], fits[kind] = fit.bend, fit
+        log(f"fitted {kind}: {n_epochs} epochs, {sum(fit.seconds):.1f} s, train loss {fit.history[0]:.4f} -> "
+            f"{fit.history[-1]:.4f}")
+    store = out_dir / "curves.h5"
+    if store.exists():
+        store.unlink()  # new bends each run: their sweeps are new
+    cmp = compare_paths(model, theta_a, theta_b, bends, test, store=store, device=device)
+    fig = plot_paths(cmp["results"], title="LeNet-300-100, two seeds, digits test split")
+    figure = save(fig, out_dir / "curves.png")[0]
+    summary = {"model": "lenet_300_100", "data": "digits (scikit-learn, 1437 train / 360 test)", "seeds": [0, 1],
+               "train_seconds": t_train, "curve_epochs": n_epochs, "ts_per_batch": 8,
+               "fit_seconds": {k: sum(f.seconds) for k, f in fits.items()},
+               "fit_history": {k: f.history for k, f in fits.items()}, "paths": cmp["summary"],
+               "seconds": time.perf_counter() - t_start, "figure": str(figure), "quick": quick}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    log(format_summary(cmp["summary"]))
+    log(f"wrote {store}, {figure}, {out_dir / 'summary.json'} ({summary['seconds']:.1f} s)")
+    return summary
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``lerpfast curve`` (wired by :mod:`lerpfast.cli`)."""
+    p = sub.add_parser("curve", help="fit a Bezier curve / polygonal chain between two solutions (Garipov et al.)",
+                       description="Train the bend point of a curve between two checkpoints of one model by SGD on the "
+                                   "loss at t sampled uniformly (T t's per batch in one batched forward), save it, "
+                                   "and compare the loss and error along the curve with the straight line on the "
+                                   "test split.",
+                       epilog="examples:\n  lerpfast curve A.pt B.pt --model lenet_300_100 --data digits --epochs 30 "
+                              "--out bend.pt\n  lerpfast curve --demo --quick      # two LeNets on digits, well "
+                              "under a minute",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _arguments(p)
+    p.set_defaults(func=run_cli)
+    return p
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT", help="theta_a theta_b (.pt / .safetensors)")
+    p.add_argument("--demo", action="store_true", help="the demo: two LeNet-300-100s on digits (README figure)")
+    p.add_argument("--quick", action="store_true", help="fewer epochs (demo: 20 training, 10 fitting; fit: 3)")
+    p.add_argument("--model", default=None, help="model name, e.g. lenet_300_100, resnet20")
+    p.add_argument("--model-options", default="", help="model keyword options, e.g. 'width=2,bn=False'")
+    p.add_argument("--data", default="digits", help="data set: fit on its train split, compare on its test split")
+    p.add_argument("--data-root", default=None, help="data root (default $LERPFAST_DATA)")
+    p.add_argument("--kind", default="bezier", choices=CURVE_KINDS, help="curve (default: bezier)")
+    p.add_argument("--epochs", type=int, default=None, help="fitting epochs (default 20; --quick 3; demo 30)")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05, momentum 0.9)")
+    p.add_argument("--ts-per-batch", type=int, default=8, help="t's sampled per batch, one forward (default 8)")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch size (default 128)")
+    p.add_argument("--method", default="engine", choices=METHODS, help="batched forward: engine | vmap | loop")
+    p.add_argument("--points", type=int, default=41, help="t's of the comparison sweeps (default 41)")
+    p.add_argument("--out", default=None, help="where the bend state dict goes (default bend_<kind>.pt; demo: a "
+                                               "folder, default ./lerpfast-curves)")
+    p.add_argument("--store", default="curves.h5", help="HDF5 file of the comparison sweeps (default curves.h5)")
+    p.add_argument("--plot", default=None, help="also write the figure into this folder")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the t's and the data order")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Handler of ``lerpfast curve``."""
+    from pathlib import Path
+
+    from lerpfast.cli import CLIError, check_positive
+
+    for flag in ("epochs", "ts_per_batch", "batch_size", "points", "threads"):
+        check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.demo:
+        if args.checkpoints:
+            raise CLIError("--demo trains its own checkpoints: give no CHECKPOINT")
+        run_demo(args.out or "lerpfast-curves", quick=args.quick, epochs=args.epochs, device=args.device)
+        return 0
+    if len(args.checkpoints) != 2:
+        raise CLIError(f"curve takes 2 checkpoints (theta_a theta_b), got {len(args.checkpoints)}; or --demo")
+    if args.model is None:
+        raise CLIError("which model? give --model NAME (e.g. lenet_300_100)")
+    import lerpfast.data as ld
+    from lerpfast.train import models
+    from lerpfast.train.config import parse_options
+
+    if args.data not in ld.REGISTRY:
+        raise CLIError(f"--data {args.data!r}: unknown data set (known: {', '.join(ld.REGISTRY)})")
+    out = Path(args.out or f"bend_{args.kind}.pt")
+    if not out.parent.exists():
+        raise CLIError(f"--out {str(out)!r}: the folder {str(out.parent)!r} does not exist", 3)
+    train_data = ld.load(args.data, "train", root=args.data_root, train=True, batch_size=args.batch_size,
+                         seed=args.seed, device=args.device)
+    test = ld.load(args.data, "test", root=args.data_root, batch_size=1000, device=args.device)
+    try:
+        model = models.create(args.model, int(test.num_classes), tuple(int(s) for s in test.input_shape),
+                              **parse_options(args.model_options))
+    except TypeError as e:
+        raise CLIError(f"model {args.model!r}: bad --model-options ({e})") from None
+    model = model.to(args.device).eval()
+    a, b = args.checkpoints
+    epochs = args.epochs or (3 if args.quick else 20)
+    fit = fit_curve(model, a, b, train_data, kind=args.kind, epochs=epochs, lr=args.lr, ts_per_batch=args.ts_per_batch,
+                    method=args.method, seed=args.seed, device=args.device, progress=True)
+    torch.save(fit.bend, out)
+    print(f"wrote {out} ({args.kind} bend, {epochs} epochs, {sum(fit.seconds):.1f} s)")
+    cmp = compare_paths(model, a, b, {args.kind: fit.bend}, test, points=args.points, store=args.store,
+                        bn_data=train_data, device=args.device)
+    print(format_summary(cmp["summary"]))
+    print(f"sweeps 'line' and {args.kind!r} in {args.store}")
+    if args.plot:
+        from lerpfast.plot import save
+
+        for f in save(plot_paths(cmp["results"]), Path(args.plot) / f"curve_{args.kind}.png"):
+            print(f"  wrote {f}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """``python -m lerpfast.curves [--demo] ...``: the same as ``lerpfast curve``."""
+    from lerpfast.cli import main as cli_main
+
+    return cli_main(["curve", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

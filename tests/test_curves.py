@@ -335,3 +335,46 @@ def test_fit_curve_bad_input():
         fit_curve(model, a, {k: v for k, v in b.items() if k != "out.bias"}, data)
     with pytest.raises(FloatingPointError, match="lower lr"):
         fit_curve(model, a, b, data, lr=1e30, epochs=3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line and demo
+
+
+def test_cli_fits_saves_and_compares(tmp_path, capsys):
+    from lerpfast.cli import main
+    from lerpfast.train import models
+
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        path = tmp_path / f"s{seed}.pt"
+        torch.save(models.create("lenet_300_100", 10, (1, 8, 8)).state_dict(), path)
+        paths.append(str(path))
+    out, store = tmp_path / "bend.pt", tmp_path / "c.h5"
+    rc = main(["curve", *paths, "--model", "lenet_300_100", "--data", "digits", "--kind", "polychain", "--quick",
+               "--out", str(out), "--store", str(store), "--plot", str(tmp_path / "figs"), "--points", "9"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "line" in text and "polychain" in text and "loss barrier" in text
+    bend = torch.load(out, weights_only=True)
+    assert set(bend) == set(torch.load(paths[0], weights_only=True))
+    back = lerpfast.ResultStore(store, "r")
+    assert set(back.names()) == {"line", "polychain"} and back.read("polychain").K == 9
+    assert (tmp_path / "figs" / "curve_polychain.png").exists()
+    assert main(["curve", paths[0], "--model", "lenet_300_100"]) == 2  # one checkpoint: usage error
+    assert "2 checkpoints" in capsys.readouterr().err
+    assert main(["curve", *paths, "--model", "lenet_300_100", "--epochs", "0"]) == 2
+    assert "--epochs 0" in capsys.readouterr().err
+
+
+def test_demo_quick_curves_beat_the_line(tmp_path):
+    from lerpfast.curves import run_demo
+
+    summary = run_demo(str(tmp_path / "demo"), quick=True, log=lambda *a: None)
+    paths = summary["paths"]
+    assert paths["line"]["loss_barrier"] > 0.3  # two seeds: a barrier on the straight line
+    for kind in ("bezier", "polychain"):
+        assert paths[kind]["loss_barrier"] < 0.25 * paths["line"]["loss_barrier"], kind
+        assert paths[kind]["error_ends"] == paths["line"]["error_ends"]  # the same endpoints
+    assert (tmp_path / "demo" / "curves.png").exists() and (tmp_path / "demo" / "bend_bezier.pt").exists()
