@@ -55,6 +55,9 @@ SLICE_KINDS = {
     "plane": (1, "center: a random plane around one point, filter-normalized (Li et al.)"),
     "random": (1, "center: one random direction through one point, filter-normalized"),
     "ray": (2, "theta1 theta0: the ray from theta1 towards theta0 in absolute distance (Im et al. Fig. 6)"),
+    "bezier": (3, "theta_a theta_bend theta_b: the quadratic Bezier curve (Garipov et al.; `lerpfast curve` fits "
+                  "the bend)"),
+    "polychain": (3, "theta_a theta_bend theta_b: the polygonal chain a -> bend (t = 0.5) -> b"),
 }
 
 
@@ -87,8 +90,9 @@ class SweepOptions(ModelSourceOptions):
     limit: int | None = _f(None, "evaluate on only the first N samples of the split")
     batch_size: int = _f(1000, "evaluation batch size")
     # -- coordinates -------------------------------------------------------------------------------------------
-    alphas: str | None = _f(None, "line / bilinear / barycentric coordinate 'start:stop:num' "
-                                  "(default 0:1:101 for a line, 0:1:21 for surfaces); outside [0,1] extrapolates")
+    alphas: str | None = _f(None, "line / bilinear / barycentric coordinate 'start:stop:num' (the t of bezier / "
+                                  "polychain) (default 0:1:101 for a line, 0:1:21 for surfaces, 0:1:41 for "
+                                  "curves); outside [0,1] extrapolates")
     betas: str | None = _f(None, "second coordinate of bilinear / barycentric (default: alphas)")
     lambdas: str | None = _f(None, "ray distances 'start:stop:num' in weight-space units "
                                    "(default: -0.5d:1.5d:81 with d = ||theta0 - theta1||)")
@@ -316,6 +320,8 @@ def _slice(kind: str, ckpts: list, opts: SweepOptions):
             d = _distance(*ckpts)
             lambdas = f"{-0.5 * d}:{1.5 * d}:81"
         return lerpfast.Ray(*ckpts, lambdas=lambdas)
+    if kind in ("bezier", "polychain"):
+        return (lerpfast.Bezier if kind == "bezier" else lerpfast.PolyChain)(*ckpts, ts=opts.alphas or "0:1:41")
     raise CLIError(f"unknown slice kind {kind!r}")
 
 

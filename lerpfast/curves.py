@@ -385,14 +385,15 @@ def plot_paths(results: dict, title: str | None = None):
 
 
 def run_demo(out: str = "lerpfast-curves", *, quick: bool = False, epochs: int | None = None,
-             device: str = "cpu", log=print) -> dict:
-    """Two LeNet-300-100s from different seeds on scikit-learn's real 8x8 digits; a Bezier curve and a polygonal chain
+             model_name: str = "lenet_300_100", device: str = "cpu", log=print) -> dict:
+    """Two networks from different seeds on scikit-learn's real 8x8 digits; a Bezier curve and a polygonal chain
     fitted between them; loss and error along both curves and the straight line on the test split.
 
-    Trains with ``lerpfast.train`` (seeds 0 and 1, SGD lr 0.1, batch 128, 40 epochs; ``quick``: 20), fits each curve
-    for ``epochs`` epochs (default 30, ``quick`` 10; T = 8 t's per batch, lr 0.05, momentum 0.9) and writes
-    ``<out>/curves.h5`` (sweeps ``line``, ``bezier``, ``polychain``, 41 points each), ``curves.png``,
-    ``bend_bezier.pt``, ``bend_polychain.pt`` and ``summary.json``. Returns the summary.
+    Trains ``model_name`` (default LeNet-300-100; ``resnet20`` works too, its batch norms recomputed at every
+    point of the comparison sweeps) with ``lerpfast.train`` (seeds 0 and 1, the model's default optimizer, batch 128,
+    40 epochs; ``quick``: 20), fits each curve for ``epochs`` epochs (default 30, ``quick`` 10; T = 8 t's per batch,
+    SGD lr 0.05, momentum 0.9) and writes ``<out>/curves.h5`` (sweeps ``line``, ``bezier``, ``polychain``, 41 points
+    each), ``curves.png``, ``bend_bezier.pt``, ``bend_polychain.pt`` and ``summary.json``. Returns the summary.
     """
     import json
     from pathlib import Path
@@ -404,9 +405,9 @@ def run_demo(out: str = "lerpfast-curves", *, quick: bool = False, epochs: int |
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    run = train(TrainConfig(model="lenet_300_100", dataset="digits", steps="20ep" if quick else "40ep", replicates=2,
-                            checkpoints="none", evaluate="end", out_dir=str(out_dir / "runs"), device=device),
-                progress=False)
+    run = train(TrainConfig(model=model_name, dataset="digits", steps="20ep" if quick else "40ep", replicates=2,
+                            batch_size=128, checkpoints="none", evaluate="end", out_dir=str(out_dir / "runs"),
+                            device=device), progress=False)
     ends = [list_checkpoints(run, r) for r in (0, 1)]
     theta_a, theta_b = (c[max(c)] for c in ends)
     model = load_model(run).eval()
@@ -425,10 +426,12 @@ def run_demo(out: str = "lerpfast-curves", *, quick: bool = False, epochs: int |
     store = out_dir / "curves.h5"
     if store.exists():
         store.unlink()  # new bends each run: their sweeps are new
-    cmp = compare_paths(model, theta_a, theta_b, bends, test, store=store, device=device)
-    fig = plot_paths(cmp["results"], title="LeNet-300-100, two seeds, digits test split")
+    bn_data = ld.load("digits", "train", batch_size=1000, device=device)  # batch-norm statistics at every t
+    cmp = compare_paths(model, theta_a, theta_b, bends, test, store=store, bn_data=bn_data, device=device)
+    pretty = {"lenet_300_100": "LeNet-300-100", "resnet20": "ResNet-20"}.get(model_name, model_name)
+    fig = plot_paths(cmp["results"], title=f"{pretty}, two seeds, digits test split")
     figure = save(fig, out_dir / "curves.png")[0]
-    summary = {"model": "lenet_300_100", "data": "digits (scikit-learn, 1437 train / 360 test)", "seeds": [0, 1],
+    summary = {"model": model_name, "data": "digits (scikit-learn, 1437 train / 360 test)", "seeds": [0, 1],
                "train_seconds": t_train, "curve_epochs": n_epochs, "ts_per_batch": 8,
                "fit_seconds": {k: sum(f.seconds) for k, f in fits.items()},
                "fit_history": {k: f.history for k, f in fits.items()}, "paths": cmp["summary"],
@@ -459,7 +462,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT", help="theta_a theta_b (.pt / .safetensors)")
     p.add_argument("--demo", action="store_true", help="the demo: two LeNet-300-100s on digits (README figure)")
     p.add_argument("--quick", action="store_true", help="fewer epochs (demo: 20 training, 10 fitting; fit: 3)")
-    p.add_argument("--model", default=None, help="model name, e.g. lenet_300_100, resnet20")
+    p.add_argument("--model", default=None, help="model name, e.g. lenet_300_100, resnet20 (demo: lenet_300_100)")
     p.add_argument("--model-options", default="", help="model keyword options, e.g. 'width=2,bn=False'")
     p.add_argument("--data", default="digits", help="data set: fit on its train split, compare on its test split")
     p.add_argument("--data-root", default=None, help="data root (default $LERPFAST_DATA)")
@@ -492,7 +495,8 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.demo:
         if args.checkpoints:
             raise CLIError("--demo trains its own checkpoints: give no CHECKPOINT")
-        run_demo(args.out or "lerpfast-curves", quick=args.quick, epochs=args.epochs, device=args.device)
+        run_demo(args.out or "lerpfast-curves", quick=args.quick, epochs=args.epochs,
+                 model_name=args.model or "lenet_300_100", device=args.device)
         return 0
     if len(args.checkpoints) != 2:
         raise CLIError(f"curve takes 2 checkpoints (theta_a theta_b), got {len(args.checkpoints)}; or --demo")

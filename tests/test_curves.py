@@ -361,7 +361,15 @@ def test_cli_fits_saves_and_compares(tmp_path, capsys):
     assert set(bend) == set(torch.load(paths[0], weights_only=True))
     back = lerpfast.ResultStore(store, "r")
     assert set(back.names()) == {"line", "polychain"} and back.read("polychain").K == 9
+    pc_loss = back.read("polychain").loss
+    del back
     assert (tmp_path / "figs" / "curve_polychain.png").exists()
+    # `lerpfast sweep bezier|polychain a bend b`: the slice from the command line, t from --alphas
+    assert main(["sweep", "polychain", paths[0], str(out), paths[1], "--model", "lenet_300_100", "--data", "digits",
+                 "--alphas", "0:1:5", "--store", str(store), "--name", "again", "--progress", "false"]) == 0
+    again = lerpfast.ResultStore(store, "r").read("again")
+    assert again.kind == "polychain" and np.allclose(again.loss, pc_loss[::2])
+    capsys.readouterr()
     assert main(["curve", paths[0], "--model", "lenet_300_100"]) == 2  # one checkpoint: usage error
     assert "2 checkpoints" in capsys.readouterr().err
     assert main(["curve", *paths, "--model", "lenet_300_100", "--epochs", "0"]) == 2
@@ -378,3 +386,21 @@ def test_demo_quick_curves_beat_the_line(tmp_path):
         assert paths[kind]["loss_barrier"] < 0.25 * paths["line"]["loss_barrier"], kind
         assert paths[kind]["error_ends"] == paths["line"]["error_ends"]  # the same endpoints
     assert (tmp_path / "demo" / "curves.png").exists() and (tmp_path / "demo" / "bend_bezier.pt").exists()
+
+
+def test_readme_curves_block_runs(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("## Curves between solutions"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(block, "README.md:Curves", "exec"), ns)
+    from lerpfast.analysis import barrier
+
+    line, curve = ns["line"], ns["curve"]
+    assert curve.kind == "bezier" and curve.K == line.K == 41
+    assert barrier(line.alphas, line.loss) > 0.5 and barrier(curve.alphas, curve.loss) < 0.1
+    assert len(ns["fit"].history) == 30
