@@ -13,14 +13,15 @@ from lerpfast._version import __version__
 
 __all__ = [
     "__version__", "sweep", "SweepResult", "Line", "Bilinear", "Barycentric", "Ray", "RandomDirections",
-    "TaskVectors", "Soup", "CheckpointError", "ResultStore", "clear_caches", "merge", "analyze_instability",
-    "InstabilityResult",
+    "TaskVectors", "Soup", "Bezier", "PolyChain", "fit_curve", "CheckpointError", "ResultStore", "clear_caches",
+    "merge", "analyze_instability", "InstabilityResult",
 ]
 
 _LAZY = {
     "sweep": "lerpfast.evaluate", "SweepResult": "lerpfast.result", "Line": "lerpfast.geometry",
     "Bilinear": "lerpfast.geometry", "Barycentric": "lerpfast.geometry", "Ray": "lerpfast.geometry",
     "RandomDirections": "lerpfast.geometry", "TaskVectors": "lerpfast.geometry", "Soup": "lerpfast.geometry",
+    "Bezier": "lerpfast.geometry", "PolyChain": "lerpfast.geometry", "fit_curve": "lerpfast.curves",
     "CheckpointError": "lerpfast.checkpoints", "ResultStore": "lerpfast.store",
     "clear_caches": "lerpfast.evaluate", "analyze_instability": "lerpfast.instability",
     "InstabilityResult": "lerpfast.instability",

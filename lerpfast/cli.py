@@ -1,7 +1,7 @@
 """``lerpfast``: the command line.
 
 Sub-commands: ``sweep`` (line, bilinear, barycentric, plane, random, ray), ``merge`` (wiseft, soup,
-task-arithmetic), ``show``, ``plot``, ``train``,
+task-arithmetic), ``curve`` (fit a curve between two solutions), ``show``, ``plot``, ``train``,
 ``reproduce``, ``instability``, ``warmup``, ``data``, ``bench``, ``demo``. Options of ``sweep`` are generated from
 :class:`SweepOptions` (field help texts), those of ``train`` from :class:`lerpfast.train.TrainConfig`.
 
@@ -55,7 +55,14 @@ SLICE_KINDS = {
     "plane": (1, "center: a random plane around one point, filter-normalized (Li et al.)"),
     "random": (1, "center: one random direction through one point, filter-normalized"),
     "ray": (2, "theta1 theta0: the ray from theta1 towards theta0 in absolute distance (Im et al. Fig. 6)"),
+    "bezier": (3, "theta_a theta_bend theta_b: the quadratic Bezier curve (Garipov et al.; `lerpfast curve` fits "
+                  "the bend)"),
+    "polychain": (3, "theta_a theta_bend theta_b: the polygonal chain a -> bend (t = 0.5) -> b"),
 }
+
+
+# paths from theta_a (0) to theta_b (1) whose summaries are a line's (max increase, barrier): lines and curves
+PATH_KINDS = ("line", "bezier", "polychain")
 
 
 @dataclass
@@ -83,8 +90,9 @@ class SweepOptions(ModelSourceOptions):
     limit: int | None = _f(None, "evaluate on only the first N samples of the split")
     batch_size: int = _f(1000, "evaluation batch size")
     # -- coordinates -------------------------------------------------------------------------------------------
-    alphas: str | None = _f(None, "line / bilinear / barycentric coordinate 'start:stop:num' "
-                                  "(default 0:1:101 for a line, 0:1:21 for surfaces); outside [0,1] extrapolates")
+    alphas: str | None = _f(None, "line / bilinear / barycentric coordinate 'start:stop:num' (the t of bezier / "
+                                  "polychain) (default 0:1:101 for a line, 0:1:21 for surfaces, 0:1:41 for "
+                                  "curves); outside [0,1] extrapolates")
     betas: str | None = _f(None, "second coordinate of bilinear / barycentric (default: alphas)")
     lambdas: str | None = _f(None, "ray distances 'start:stop:num' in weight-space units "
                                    "(default: -0.5d:1.5d:81 with d = ||theta0 - theta1||)")
@@ -312,6 +320,8 @@ def _slice(kind: str, ckpts: list, opts: SweepOptions):
             d = _distance(*ckpts)
             lambdas = f"{-0.5 * d}:{1.5 * d}:81"
         return lerpfast.Ray(*ckpts, lambdas=lambdas)
+    if kind in ("bezier", "polychain"):
+        return (lerpfast.Bezier if kind == "bezier" else lerpfast.PolyChain)(*ckpts, ts=opts.alphas or "0:1:41")
     raise CLIError(f"unknown slice kind {kind!r}")
 
 
@@ -383,7 +393,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         i = int(np.nanargmin(loss))
         where = ", ".join(f"{n}={c:.4g}" for n, c in zip(res.coord_names, res.coords[i]))
         summary = f"  min loss {loss[i]:.4g} at {where}"
-        if res.grid_shape is None and res.kind == "line":
+        if res.grid_shape is None and res.kind in PATH_KINDS:
             summary += (f"; max increase: loss {max_increase(res.alphas, loss):.4g}, "
                         f"error {max_increase(res.alphas, res.metrics['error']):.4g}; "
                         f"barrier: loss {barrier(res.alphas, loss):.4g}")
@@ -724,7 +734,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     rows = sorted(store.summary(), key=lambda r: _natural(r["name"]))  # t=16 before t=1024
     for row in rows:
         row["max_increase_loss"] = row["barrier_loss"] = None
-        if row["kind"] == "line" and row["done"] == row["total"]:
+        if row["kind"] in PATH_KINDS and row["done"] == row["total"]:
             res = store.read(row["name"])
             if res.grid_shape is None and "loss" in res.metrics:
                 row["max_increase_loss"] = max_increase(res.alphas, res.metrics["loss"])
@@ -951,6 +961,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     _add_external(sub, "instability", "lerpfast.instability",
                   "fork a training run at iterations k, train children, error barrier between them vs k",
                   command == "instability")
+    _add_external(sub, "curve", "lerpfast.curves", "fit a curve between two solutions (Bezier, polygonal chain)",
+                  command == "curve")
     _add_bench(sub)
     _add_demo(sub)
     return parser

@@ -13,6 +13,7 @@ dtype as torch.lerp does), and every corner of a bilinear or barycentric plane i
 >>> plane = Bilinear(t1, t2, t3, t4, alphas="0:1:21", betas="0:1:21")
 >>> ray = Ray(theta1, theta0, lambdas="0:40:41")          # Im et al. eq. 1, absolute distance
 >>> rnd = RandomDirections(theta_star, xs="-1:1:31", ys="-1:1:31", seed=0)   # Li et al., filter-normalized
+>>> curve = Bezier(theta_a, theta_bend, theta_b, ts="0:1:41")   # Garipov et al.'s quadratic curve
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from lerpfast.engine.functional import ParamSlice, Points, combine
 
 __all__ = [
     "AffineSlice", "Slice", "Line", "Bilinear", "Barycentric", "Ray", "RandomDirections",
-    "TaskVectors", "Soup", "parse_coords", "as_slice",
+    "TaskVectors", "Soup", "Bezier", "PolyChain", "curve_coefficients", "parse_coords", "as_slice",
 ]
 
 
@@ -595,6 +596,115 @@ class Soup(Slice):
                       tuple(f"w_{n}" for n in range(self.N)), dtype, info={"N": self.N})
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Curves between solutions (Garipov et al. 2018): a bend point between two endpoints
+
+CURVE_KINDS = ("bezier", "polychain")
+
+
+def curve_coefficients(kind: str, ts) -> np.ndarray:
+    """(T, 3) float64 weights ``(c_a, c_bend, c_b)`` of the curve's point ``c_a*a + c_bend*bend + c_b*b`` at each t.
+
+    ``"bezier"``: ``((1-t)^2, 2t(1-t), t^2)``; ``"polychain"``: ``(1-2t, 2t, 0)`` for t <= 0.5, ``(0, 2-2t, 2t-1)``
+    after. Used by :func:`lerpfast.curves.fit_curve` (training) and by the float64 references of the tests; the
+    slices :class:`Bezier` and :class:`PolyChain` evaluate the same curves in their anchored form.
+    """
+    t = np.asarray(ts, dtype=np.float64).reshape(-1)
+    if kind == "bezier":
+        return np.stack([(1 - t) ** 2, 2 * t * (1 - t), t * t], axis=1)
+    if kind == "polychain":
+        low = t <= 0.5
+        return np.stack([np.where(low, 1 - 2 * t, 0.0), np.where(low, 2 * t, 2 - 2 * t),
+                         np.where(low, 0.0, 2 * t - 1)], axis=1)
+    raise ValueError(f"kind={kind!r}: expected one of {CURVE_KINDS}")
+
+
+class _Curve(Slice):
+    """A curve through ``theta_a`` (t = 0) and ``theta_b`` (t = 1) shaped by a bend point; coordinate ``t``."""
+
+    def __init__(self, theta_a, theta_bend, theta_b, ts=None):
+        self.sources = [theta_a, theta_bend, theta_b]
+        self.ts = None if ts is None else parse_coords(ts, "ts")
+
+    def with_default_coords(self, alphas) -> Slice:
+        if alphas is not None and self.ts is None:
+            self.ts = parse_coords(alphas, "ts")
+        if self.ts is None:
+            raise ValueError(f"{type(self).__name__}: no ts given (pass ts=..., e.g. '0:1:41')")
+        return self
+
+    def labels(self) -> list[str]:
+        return _source_labels(self.sources, ["theta_a", "theta_bend", "theta_b"])
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "ts": self.ts.tolist()}
+
+
+class Bezier(_Curve):
+    """Quadratic Bezier curve between two solutions (Garipov et al., NeurIPS 2018, eq. 3):
+    ``phi(t) = (1-t)^2 theta_a + 2t(1-t) theta_bend + t^2 theta_b``.
+
+    Parameters
+    ----------
+    theta_a, theta_bend, theta_b : checkpoints (modules, state dicts or paths); ``theta_bend`` is the control point,
+        e.g. trained by :func:`lerpfast.fit_curve`. The curve passes near it, not through it (at t = 0.5 it is
+        ``(theta_a + 2 theta_bend + theta_b) / 4``); with the bend at the midpoint the curve is the straight line.
+    ts : coordinates ``t`` (list, array, tensor or ``"start:stop:num"``); values outside [0, 1] follow the
+        polynomial. Default: ``sweep``'s ``alphas``.
+
+    Resolved as two anchors and two directions ``bend - a`` and ``bend - b``: ``phi(t) = a + (2t - t^2)(bend - a) -
+    t^2 (bend - b)`` for t < 0.5 and ``b + (1 - t^2)(bend - b) - (1-t)^2 (bend - a)`` from 0.5 on (coefficients in
+    float64, rounded once to the combine dtype), so t = 0 and t = 1 are the endpoints bit for bit and each half is
+    computed from its nearer endpoint. Stored and plotted like a line (coordinate ``t``).
+
+    >>> curve = Bezier(theta_a, fit.bend, theta_b, ts="0:1:41")
+    >>> res = lerpfast.sweep(model, curve, data=test, bn="recompute", bn_data=train)
+    """
+
+    kind = "bezier"
+
+    def resolve(self, states, model, dtype) -> AffineSlice:
+        a, bend, b = _cast(states, dtype)
+        t = self.ts
+        upper = t >= 0.5
+        s = 1 - t
+        coefs = np.where(upper[:, None], np.stack([-(s * s), 1 - t * t], 1), np.stack([2 * t - t * t, -(t * t)], 1))
+        return _build(self.kind, [a, b], [_sub(bend, a), _sub(bend, b)], upper.astype(np.int64),
+                      torch.from_numpy(coefs), t[:, None], ("t",), dtype)
+
+
+class PolyChain(_Curve):
+    """Polygonal chain between two solutions through a bend point (Garipov et al., NeurIPS 2018, eq. 2):
+    ``theta_a -> theta_bend`` for t in [0, 0.5], ``theta_bend -> theta_b`` for t in [0.5, 1].
+
+    Parameters
+    ----------
+    theta_a, theta_bend, theta_b : checkpoints (modules, state dicts or paths).
+    ts : coordinates ``t``; values outside [0, 1] extend the first or the last segment. Default: ``sweep``'s
+        ``alphas``.
+
+    Each segment is a line with torch.lerp's two-sided formula (its nearer end plus a multiple of the segment):
+    three anchors, two directions ``bend - a`` and ``b - bend``; t = 0, 0.5 and 1 are ``theta_a``, ``theta_bend``
+    and ``theta_b`` bit for bit. Stored and plotted like a line (coordinate ``t``).
+    """
+
+    kind = "polychain"
+
+    def resolve(self, states, model, dtype) -> AffineSlice:
+        a, bend, b = _cast(states, dtype)
+        t = self.ts
+        u = np.where(t <= 0.5, 2 * t, 2 * t - 1)  # position along the segment, 0..1
+        second = t > 0.5
+        near_end = u >= 0.5
+        idx = np.where(second, np.where(near_end, 2, 1), np.where(near_end, 1, 0)).astype(np.int64)
+        c = np.where(near_end, u - 1, u)
+        coefs = np.zeros((len(t), 2))
+        coefs[~second, 0] = c[~second]
+        coefs[second, 1] = c[second]
+        return _build(self.kind, [a, bend, b], [_sub(bend, a), _sub(b, bend)], idx, torch.from_numpy(coefs),
+                      t[:, None], ("t",), dtype)
+
+
 def as_slice(ckpts, alphas) -> Slice:
     """``sweep``'s ``ckpts`` argument as a :class:`Slice`: a Slice as is, or a pair of checkpoints (a line)."""
     if isinstance(ckpts, Slice):
@@ -603,5 +713,5 @@ def as_slice(ckpts, alphas) -> Slice:
         return Line(ckpts[0], ckpts[1]).with_default_coords(alphas)
     raise TypeError(
         "ckpts must be a pair (theta_a, theta_b) for a line, or a slice object "
-        "(lerpfast.Line, Bilinear, Barycentric, Ray, RandomDirections, TaskVectors, Soup); "
+        "(lerpfast.Line, Bilinear, Barycentric, Ray, RandomDirections, TaskVectors, Soup, Bezier, PolyChain); "
         f"got {type(ckpts).__name__}" + (f" of length {len(ckpts)}" if isinstance(ckpts, (list, tuple)) else ""))

@@ -50,7 +50,7 @@ METRIC_LABELS = {
     "disagreement": "disagreement",
 }
 COORD_LABELS = {"alpha": r"$\alpha$", "beta": r"$\beta$", "lambda": r"distance $\lambda$ from $\theta_1$",
-                "x": "x", "y": "y"}
+                "x": "x", "y": "y", "t": "t along the curve"}
 
 
 def _label(name: str, mapping=METRIC_LABELS) -> str:

@@ -15,7 +15,7 @@ class SweepResult:
 
     Attributes
     ----------
-    kind : "line", "bilinear", "barycentric", "ray", "random", "task_vectors" or "soup".
+    kind : "line", "bilinear", "barycentric", "ray", "random", "task_vectors", "soup", "bezier" or "polychain".
     coords : (K, D) user coordinates (alpha; alpha, beta; lambda; x, y; lambda_0..lambda_{J-1}; w_0..w_{N-1}).
     coord_names : names of the D coordinates.
     metrics : name -> (K,) float64 array (NaN where a point is not computed yet).

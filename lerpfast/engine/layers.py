@@ -400,8 +400,10 @@ class MPBatchNorm(MultiPointLayer):
             def part(t, k):
                 return None if t is None else t[k * C:(k + 1) * C]
 
-            return torch.stack([F.batch_norm(xs[k], part(mean, k), part(var, k), part(weight, k), part(bias, k),
-                                             training, momentum, self.eps) for k in range(K)]).reshape(x.shape)
+            # (unbind, not xs[k]: under autograd each select's backward would fill a zero (K, ...) tensor)
+            return torch.stack([F.batch_norm(xk, part(mean, k), part(var, k), part(weight, k), part(bias, k),
+                                             training, momentum, self.eps)
+                                for k, xk in enumerate(xs.unbind(0))]).reshape(x.shape)
         B = xs.shape[1]
         xf = xs.transpose(0, 1).reshape(B, K * C, *xs.shape[3:])  # (B, K*C, *): points folded into channels
         y = F.batch_norm(xf, mean, var, weight, bias, training, momentum, self.eps)
