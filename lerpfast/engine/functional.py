@@ -161,7 +161,9 @@ def combine(anchors: torch.Tensor, dirs: torch.Tensor | None, anchor_idx: torch.
         return out
     view = (coefs.shape[0],) + (1,) * (anchors.dim() - 1)
     for j in range(J):
-        out = out + coefs[:, j].reshape(view) * dirs[j]
+        # in place into the gathered anchors (a fresh tensor): one (K, *S) temporary per term instead of two, the
+        # same roundings (GPT-2's 124 M weights at K = 11: a 5.5 GB allocation less per batch)
+        out.add_(coefs[:, j].reshape(view) * dirs[j])
     return out
 
 
