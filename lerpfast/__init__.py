@@ -13,7 +13,8 @@ from lerpfast._version import __version__
 
 __all__ = [
     "__version__", "sweep", "SweepResult", "Line", "Bilinear", "Barycentric", "Ray", "RandomDirections",
-    "TaskVectors", "Soup", "CheckpointError", "ResultStore", "clear_caches", "merge",
+    "TaskVectors", "Soup", "CheckpointError", "ResultStore", "clear_caches", "merge", "align", "Alignment",
+    "AlignError",
 ]
 
 _LAZY = {
@@ -21,7 +22,8 @@ _LAZY = {
     "Bilinear": "lerpfast.geometry", "Barycentric": "lerpfast.geometry", "Ray": "lerpfast.geometry",
     "RandomDirections": "lerpfast.geometry", "TaskVectors": "lerpfast.geometry", "Soup": "lerpfast.geometry",
     "CheckpointError": "lerpfast.checkpoints", "ResultStore": "lerpfast.store",
-    "clear_caches": "lerpfast.evaluate",
+    "clear_caches": "lerpfast.evaluate", "align": "lerpfast.align", "Alignment": "lerpfast.align",
+    "AlignError": "lerpfast.align",
 }
 
 
