@@ -741,9 +741,8 @@ def _weight_matching(st: _Structure, a: dict, b: dict, seed: int, max_iter: int)
         for axis, gi, outer, inner in lay:
             terms[gi].append((key, axis, outer, inner))
     rng = np.random.default_rng(seed)
-    history = []
-    it = 0
-    for it in range(1, max_iter + 1):
+    history: list[float] = []
+    for _ in range(max_iter):
         improved = False
         for gi in rng.permutation(groups) if groups else []:
             gi = int(gi)
@@ -765,7 +764,7 @@ def _weight_matching(st: _Structure, a: dict, b: dict, seed: int, max_iter: int)
         history.append(_objective(a, _apply(b, st.layouts, perms)))
         if not improved:
             break
-    return perms, it, history
+    return perms, len(history), history
 
 
 def _objective(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
