@@ -322,3 +322,17 @@ def test_cli_align_writes_the_aligned_checkpoint(tmp_path, capsys):
     assert rc == 0
     assert main(["sweep", "ray", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--model", "mlp", "--data",
                  "digits", "--align", "weights"]) == 2
+
+
+def test_readme_block_runs():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("## Permutation alignment"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    ns: dict = {}
+    exec(compile(block, "README.md:Permutation alignment", "exec"), ns)
+    raw, aligned, res = ns["raw"], ns["aligned"], ns["res"]
+    assert barrier(aligned.alphas, aligned.loss) < 0.5 * barrier(raw.alphas, raw.loss)
+    assert set(res.frozen) == {"out"} and set(ns["act"].perms) == {"hidden.0", "hidden.1"}
