@@ -397,22 +397,41 @@ class _Analysis:
         if shape_out is None or shape_in is None:
             raise self.fail(node, "reshapes a permuted tensor into something that is not a tensor")
         out: dict[int, _Ax] = {}
-        for a, ax in xin.items():
-            outer_flat = math.prod(shape_in[:a]) * ax.outer
-            inner_flat = ax.inner * math.prod(shape_in[a + 1:])
-            for j, size in enumerate(shape_out):
-                stride = math.prod(shape_out[j + 1:])
-                if inner_flat % stride == 0 and size % (ax.n * (inner_flat // stride)) == 0:
-                    inner_j = inner_flat // stride
-                    outer_j = size // (ax.n * inner_j)
-                    if math.prod(shape_out[:j]) * outer_j != outer_flat or j in out:
-                        continue
-                    out[j] = _Ax(ax.gid, outer_j, ax.n, inner_j)
-                    break
-            else:
+        for a in list(xin):
+            ax = xin[a]
+            placed = _place(ax, a, shape_in, shape_out, out)
+            if placed is None:
+                # units of k consecutive units that move together: maxout's (N, w * pieces) -> (N, w, pieces)
+                for k in range(2, ax.n + 1):
+                    if ax.n % k == 0 and _place(_Ax(ax.gid, ax.outer, ax.n // k, ax.inner * k), a, shape_in,
+                                                shape_out, out) is not None:
+                        self.coarsen(ax.gid, k)
+                        placed = _place(xin[a], a, shape_in, shape_out, out)
+                        break
+            if placed is None:
                 raise self.fail(node, f"reshapes {tuple(shape_in)} -> {tuple(shape_out)} so that the permuted axis "
                                       f"{a} ({ax.n} units) no longer lies within one axis")
+            out[placed[0]] = placed[1]
         return out
+
+    def coarsen(self, gid: int, k: int) -> None:
+        """Make every k consecutive units of a group one unit (a block permutation is still a permutation)."""
+        root = self.find(gid)
+
+        def fix(ax: _Ax) -> _Ax:
+            return _Ax(ax.gid, ax.outer, ax.n // k, ax.inner * k) if self.find(ax.gid) == root else ax
+
+        self.terms = {key: fix(ax) for key, ax in self.terms.items()}
+        self.points = {key: fix(ax) for key, ax in self.points.items()}
+        for d in self.env.values():
+            for a in list(d or ()):
+                d[a] = fix(d[a])
+        for g in range(len(self.parent)):
+            if self.find(g) == root:
+                self.size[g] //= k
+        if root in self.labels:
+            self.labels[root] = [np.unique(lab.reshape(-1, k), axis=0, return_inverse=True)[1].reshape(-1)
+                                 for lab in self.labels[root]]
 
     def call_function(self, node: fx.Node) -> dict[int, _Ax] | None:
         t = node.target
@@ -545,6 +564,20 @@ class _Analysis:
             if a in xin:
                 out[a_out + a - a_in] = xin[a]
         return out
+
+
+def _place(ax: _Ax, a: int, shape_in, shape_out, taken) -> tuple[int, _Ax] | None:
+    """Where the permuted axis ``a`` of ``shape_in`` lies after a reshape to ``shape_out``, or None if it straddles."""
+    outer_flat = math.prod(shape_in[:a]) * ax.outer
+    inner_flat = ax.inner * math.prod(shape_in[a + 1:])
+    for j, size in enumerate(shape_out):
+        stride = math.prod(shape_out[j + 1:])
+        if inner_flat % stride == 0 and size % (ax.n * (inner_flat // stride)) == 0:
+            inner_j = inner_flat // stride
+            outer_j = size // (ax.n * inner_j)
+            if math.prod(shape_out[:j]) * outer_j == outer_flat and j not in taken:
+                return j, _Ax(ax.gid, outer_j, ax.n, inner_j)
+    return None
 
 
 def _by_name(target: Any) -> str | None:
@@ -837,13 +870,15 @@ def _activation_matching(st: _Structure, a: dict, b: dict, data: Any, max_batche
         net.load_state_dict({k: v for k, v in state.items() if k in net.state_dict()}, strict=False)
         nets.append(net.eval())
     batches = 0
+    device = next((t.device for t in st.gm.parameters()), torch.device("cpu"))
     with torch.no_grad():
         for batch in as_batches(data, 256):
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            x = tuple(t.to(device) if torch.is_tensor(t) else t for t in (x if isinstance(x, tuple) else (x,)))
             seen = []
             for net in nets:
                 rec = _Recorder(net, wanted)
-                rec.run(*(x if isinstance(x, tuple) else (x,)))
+                rec.run(*x)
                 seen.append(rec.seen)
             for gi, pts in st.points.items():
                 n = st.groups[gi].size
@@ -868,7 +903,7 @@ def _activation_matching(st: _Structure, a: dict, b: dict, data: Any, max_batche
         n = st.groups[gi].size
         corr = torch.zeros(n, n, dtype=torch.float64)
         for name, axis, *_ in pts:
-            cnt, sa, sb, saa, sbb, sab = stats[(name, axis)]
+            cnt, sa, sb, saa, sbb, sab = (t.cpu() if torch.is_tensor(t) else t for t in stats[(name, axis)])
             ma, mb = sa / cnt, sb / cnt
             cov = sab / cnt - ma[:, None] * mb[None, :]
             sd_a = (saa / cnt - ma * ma).clamp_min(0).sqrt()

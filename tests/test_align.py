@@ -336,3 +336,28 @@ def test_readme_block_runs():
     raw, aligned, res = ns["raw"], ns["aligned"], ns["res"]
     assert barrier(aligned.alphas, aligned.loss) < 0.5 * barrier(raw.alphas, raw.loss)
     assert set(res.frozen) == {"out"} and set(ns["act"].perms) == {"hidden.0", "hidden.1"}
+
+
+def test_maxout_units_move_as_blocks():
+    torch.manual_seed(0)
+    model = models.create("mlp", 10, (1, 8, 8), widths=(12, 6), activation="maxout", pieces=3).eval()
+    a = {k: v.clone() for k, v in model.state_dict().items()}
+    b = _random_perms(model, a, (2, 1, 8, 8), seed=1)
+    res = lerpfast.align(model, a, b)
+    assert res.groups["hidden.0"].size == 12 and res.groups["hidden.1"].size == 6  # units, not 36 / 18 pieces
+    assert all(torch.equal(res.state_dict[k], a[k]) for k in a)
+    torch.manual_seed(1)
+    other = models.create("mlp", 10, (1, 8, 8), widths=(12, 6), activation="maxout", pieces=3).state_dict()
+    x = torch.randn(5, 1, 8, 8)
+    got, ref = _logits(model, lerpfast.align(model, a, other).state_dict, x), _logits(model, other, x)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_aligned_line_reads_the_aligned_bn_statistics():
+    model, a, b = _pair("vgg11", bn=True, width=0.125, in_shape=(3, 8, 8))
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,))
+    aligned = lerpfast.align(model, a, b).state_dict
+    for bn in ("endpoint:1", "interpolate"):
+        got = lerpfast.sweep(model, lerpfast.Line(a, b, align="weights"), "0:1:5", (x, y), bn=bn)
+        want = lerpfast.sweep(model, lerpfast.Line(a, aligned), "0:1:5", (x, y), bn=bn)
+        assert (got.loss == want.loss).all(), bn
