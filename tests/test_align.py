@@ -361,3 +361,15 @@ def test_aligned_line_reads_the_aligned_bn_statistics():
         got = lerpfast.sweep(model, lerpfast.Line(a, b, align="weights"), "0:1:5", (x, y), bn=bn)
         want = lerpfast.sweep(model, lerpfast.Line(a, aligned), "0:1:5", (x, y), bn=bn)
         assert (got.loss == want.loss).all(), bn
+
+
+@pytest.mark.parametrize("name", [n for n in models.available() if n != "resnet50"])  # resnet50: above
+def test_every_zoo_model_aligns_without_a_spec(name):
+    kw = {"width": 0.125} if name.startswith("vgg") else {"width": 4} if name == "deep_linear" else {}
+    shape = (1,) if name == "deep_linear" else (1, 8, 8) if name in ("mlp", "lenet_300_100") else (3, 8, 8)
+    model, a, b = _pair(name, in_shape=shape, **kw)
+    res = lerpfast.align(model, a, b, max_iter=2)
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
+    got, ref = _logits(model, res.state_dict, x), _logits(model, b, x)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert res.perms and len(res.frozen) == 1  # only the logits' group
