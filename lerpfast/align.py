@@ -43,7 +43,7 @@ import torch.fx as fx
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-__all__ = ["align", "Alignment", "AlignError", "PermGroup", "permutation_groups", "METHODS"]
+__all__ = ["align", "Alignment", "AlignError", "PermGroup", "PermStructure", "permutation_groups", "METHODS"]
 
 METHODS = ("weights", "activations")
 
@@ -153,8 +153,8 @@ def _op_name(node: fx.Node) -> str:
 class _Analysis:
     """Walks the traced graph once; assigns each tensor value the permuted axes it carries."""
 
-    def __init__(self, model: nn.Module, gm: fx.GraphModule, state_keys: set[str]):
-        self.model, self.gm, self.keys = model, gm, state_keys
+    def __init__(self, gm: fx.GraphModule, state_keys: set[str]):
+        self.gm, self.keys = gm, state_keys
         self.modules = dict(gm.named_modules())
         self.parent: list[int] = []
         self.size: list[int] = []
@@ -236,7 +236,11 @@ class _Analysis:
         return {}
 
     def fail(self, node: fx.Node, what: str) -> AlignError:
-        return AlignError(f"align: cannot derive the permutation structure: {_op_name(node)} in {_where(node)} "
+        if node.op == "call_module":
+            desc = f"module {str(node.target)!r} ({type(self.modules[str(node.target)]).__name__})"
+        else:
+            desc = f"{_op_name(node)} in {_where(node)}"
+        return AlignError(f"align: cannot derive the permutation structure: {desc} "
                           f"{what}. Permutation alignment supports Linear / Conv / BatchNorm / LayerNorm / GroupNorm, "
                           "elementwise activations, pooling, dropout, residual adds and flatten / view; give the "
                           "model without that module, or align a model whose hidden path avoids it")
@@ -378,8 +382,7 @@ class _Analysis:
             return self.reshape(node, xin, shape_in)
         # any other module: exact only where nothing it reads is permuted (its output is then the same in both)
         if self._inputs_annotated(node):
-            raise self.fail(node, f"({type(m).__name__}) receives permuted activations and is not known to be "
-                                  "permutation-equivariant")
+            raise self.fail(node, "receives permuted activations and is not known to be permutation-equivariant")
         return {} if self.shape(node) is not None else None
 
     def pool(self, node, xin, shape_in, nd) -> dict[int, _Ax]:
@@ -696,7 +699,9 @@ def _first_inputs(data: Any) -> Any:
 
 
 @dataclass
-class _Structure:
+class PermStructure:
+    """A model's permutation structure (:func:`permutation_groups`): its groups, and how each touches the tensors."""
+
     groups: list[PermGroup]  # permutable groups first, then frozen ones
     layouts: dict[str, list[tuple[int, int, int, int]]]  # key -> [(axis, group index, outer, inner)]
     points: dict[int, list[tuple[str, int, int, int]]]  # group index -> [(node name, axis, outer, inner)]
@@ -705,12 +710,19 @@ class _Structure:
     example: tuple
 
 
-def permutation_groups(model: nn.Module, example_input: Any = None, data: Any = None) -> _Structure:
-    """Derive the model's permutation groups (see :func:`align`); ``groups`` lists them with their tensors."""
+def permutation_groups(model: nn.Module, example_input: Any = None, data: Any = None) -> PermStructure:
+    """Derive the model's permutation groups (see :func:`align`) without matching anything.
+
+    Returns
+    -------
+    PermStructure
+        ``groups``: every :class:`PermGroup` (permutable ones first); ``layouts``: state-dict key -> the permuted axes
+        ``(axis, group index, outer, inner)``; ``points``: group index -> the activations activation matching reads.
+    """
     gm = _trace(model)
     example = _example(model, gm, example_input, data)
     keys = {k for k, v in model.state_dict().items() if v.is_floating_point()}
-    an = _Analysis(model, gm, keys)
+    an = _Analysis(gm, keys)
     an.run()
     roots: dict[int, int] = {}
     groups: list[PermGroup] = []
@@ -744,7 +756,7 @@ def permutation_groups(model: nn.Module, example_input: Any = None, data: Any = 
             combined = np.unique(np.stack(lab, axis=1), axis=0, return_inverse=True)[1].reshape(-1)
             labels[roots[r]] = combined
             groups[roots[r]].blocks = int(combined.max()) + 1
-    return _Structure(groups, layouts, points, labels, gm, example)
+    return PermStructure(groups, layouts, points, labels, gm, example)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -789,7 +801,7 @@ def _assign(cost: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
     return perm
 
 
-def _weight_matching(st: _Structure, a: dict, b: dict, seed: int, max_iter: int):
+def _weight_matching(st: PermStructure, a: dict, b: dict, seed: int, max_iter: int):
     groups = [i for i, g in enumerate(st.groups) if g.frozen is None]
     perms = [torch.arange(g.size) for g in st.groups]
     terms: dict[int, list] = {i: [] for i in groups}
@@ -859,7 +871,7 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def _activation_matching(st: _Structure, a: dict, b: dict, data: Any, max_batches: int | None):
+def _activation_matching(st: PermStructure, a: dict, b: dict, data: Any, max_batches: int | None):
     from lerpfast.evaluate import as_batches
 
     wanted = {name for pts in st.points.values() for name, *_ in pts}
