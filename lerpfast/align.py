@@ -768,13 +768,11 @@ def _permute_axis(t: torch.Tensor, axis: int, outer: int, inner: int, perm: torc
     return t.unflatten(axis, (outer, n, inner)).index_select(axis + 1, perm.to(t.device)).flatten(axis, axis + 2)
 
 
-def _apply(state: Mapping[str, torch.Tensor], layouts, perms: list[torch.Tensor], skip: tuple | None = None):
-    """``state`` with every permuted axis permuted (except ``skip = (key, axis)``); other entries as they are."""
+def _apply(state: Mapping[str, torch.Tensor], layouts, perms: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every permuted axis permuted; other entries as they are (not copied)."""
     out = {}
     for key, t in state.items():
         for axis, gi, outer, inner in layouts.get(key, ()):
-            if skip is not None and (key, axis) == skip:
-                continue
             t = _permute_axis(t, axis, outer, inner, perms[gi])
         out[key] = t
     return out
