@@ -53,6 +53,7 @@ setup(
         "tqdm",
         "safetensors",
         "scikit-learn",
+        "scipy",  # lerpfast.align: scipy.optimize.linear_sum_assignment
         "pillow",
     ],
     extras_require={

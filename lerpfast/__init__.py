@@ -14,7 +14,7 @@ from lerpfast._version import __version__
 __all__ = [
     "__version__", "sweep", "SweepResult", "Line", "Bilinear", "Barycentric", "Ray", "RandomDirections",
     "TaskVectors", "Soup", "Bezier", "PolyChain", "fit_curve", "CheckpointError", "ResultStore", "clear_caches",
-    "merge", "analyze_instability", "InstabilityResult",
+    "merge", "analyze_instability", "InstabilityResult", "align", "Alignment", "AlignError",
 ]
 
 _LAZY = {
@@ -24,7 +24,8 @@ _LAZY = {
     "Bezier": "lerpfast.geometry", "PolyChain": "lerpfast.geometry", "fit_curve": "lerpfast.curves",
     "CheckpointError": "lerpfast.checkpoints", "ResultStore": "lerpfast.store",
     "clear_caches": "lerpfast.evaluate", "analyze_instability": "lerpfast.instability",
-    "InstabilityResult": "lerpfast.instability",
+    "InstabilityResult": "lerpfast.instability", "align": "lerpfast.align", "Alignment": "lerpfast.align",
+    "AlignError": "lerpfast.align",
 }
 
 

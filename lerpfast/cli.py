@@ -1,7 +1,7 @@
 """``lerpfast``: the command line.
 
 Sub-commands: ``sweep`` (line, bilinear, barycentric, plane, random, ray), ``merge`` (wiseft, soup,
-task-arithmetic), ``curve`` (fit a curve between two solutions), ``show``, ``plot``, ``train``,
+task-arithmetic), ``align``, ``curve`` (fit a curve between two solutions), ``show``, ``plot``, ``train``,
 ``reproduce``, ``instability``, ``warmup``, ``data``, ``bench``, ``demo``. Options of ``sweep`` are generated from
 :class:`SweepOptions` (field help texts), those of ``train`` from :class:`lerpfast.train.TrainConfig`.
 
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "build_parser", "SweepOptions", "MergeOptions", "CLIError", "EXIT_OK", "EXIT_USAGE", "EXIT_DATA",
-           "EXIT_STORE"]
+__all__ = ["main", "build_parser", "SweepOptions", "MergeOptions", "AlignOptions", "CLIError", "EXIT_OK", "EXIT_USAGE",
+           "EXIT_DATA", "EXIT_STORE"]
 
 EXIT_OK, EXIT_USAGE, EXIT_DATA, EXIT_STORE = 0, 2, 3, 4
 
@@ -101,6 +101,8 @@ class SweepOptions(ModelSourceOptions):
     seed: int = _f(0, "seed of random directions")
     filter_normalize: bool = _f(True, "scale random directions filter by filter to the weights' norms")
     # -- evaluation --------------------------------------------------------------------------------------------
+    align: str | None = _f(None, "line only: permute theta_b's hidden units to match theta_a first (Git Re-Basin): "
+                                 "weights | activations (matched on the evaluated data)")
     bn: str = _f("interpolate", "batch-norm statistics: interpolate | endpoint | endpoint:I | recompute")
     precision: str = _f("fp32", "fp32 | tf32 | bf16 | fp64")
     device: str = _f("auto", "cpu | cuda | cuda:N | auto")
@@ -301,11 +303,16 @@ def _build_model_and_data(opts: SweepOptions):
     return model.to(device).eval(), data, dataset, device
 
 
-def _slice(kind: str, ckpts: list, opts: SweepOptions):
+def _slice(kind: str, ckpts: list, opts: SweepOptions, data=None):
     import lerpfast
 
+    if opts.align is not None and kind != "line":
+        raise CLIError(f"--align {opts.align}: applies to sweep line only, not {kind}")
     if kind == "line":
-        return lerpfast.Line(*ckpts, alphas=opts.alphas or "0:1:101")
+        if opts.align is not None and opts.align not in ("weights", "activations"):
+            raise CLIError(f"--align {opts.align!r}: expected weights or activations")
+        align_options = {"data": data} if opts.align == "activations" else None
+        return lerpfast.Line(*ckpts, alphas=opts.alphas or "0:1:101", align=opts.align, align_options=align_options)
     if kind == "bilinear":
         return lerpfast.Bilinear(*ckpts, alphas=opts.alphas or "0:1:21", betas=opts.betas)
     if kind == "barycentric":
@@ -364,7 +371,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         torch.set_num_threads(opts.threads)
     ckpts, labels = _resolve_checkpoints(args.checkpoints, opts)
     model, data, dataset, device = _build_model_and_data(opts)
-    spec = _slice(args.kind, ckpts, opts)
+    spec = _slice(args.kind, ckpts, opts, data)
     name = opts.name or "_".join([args.kind, *labels]).replace("/", "_")
     reference: Any = opts.reference
     if reference == "none":
@@ -664,6 +671,120 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# align
+
+
+@dataclass
+class AlignOptions(ModelSourceOptions):
+    """Options of ``lerpfast align`` (each field becomes ``--<field-with-dashes>``)."""
+
+    out: str | None = _f(None, "where to write the aligned theta_b (.pt, or .safetensors); required")
+    method: str = _f("weights", "weights (Git Re-Basin weight matching) | activations (correlation of the two "
+                                "networks' activations over --data)")
+    data: str | None = _f(None, "data set: its input shape and classes build the model, and with --method "
+                                "activations its batches are matched on (default: the run's data set, else the "
+                                "model's standard input)")
+    split: str = _f("train", "split of --data")
+    data_root: str | None = _f(None, "data root (default $LERPFAST_DATA)")
+    limit: int | None = _f(None, "use only the first N samples of the split")
+    batch_size: int = _f(500, "batch size of --method activations")
+    seed: int = _f(0, "order of the permutation groups in weight matching")
+    max_iter: int = _f(100, "most passes over the groups in weight matching")
+    threads: int | None = _f(None, "torch intra-op threads (default: torch's choice)")
+
+
+ALIGN_EPILOG = """\
+examples:
+  # permute b's hidden units to match a's (same function), then sweep the aligned line
+  lerpfast align a.pt b.pt --model resnet20 --out b_aligned.pt
+  lerpfast sweep line a.pt b_aligned.pt --model resnet20 --data cifar10 --bn recompute
+
+  # activation matching on 2,000 training images; a model from a training run
+  lerpfast align a.pt b.pt --model mlp --data digits --method activations --limit 2000 --out b_aligned.pt
+  lerpfast align --run runs/train_1a2b3c final other_seed.pt --out b_aligned.pt
+
+  # or in one step: lerpfast sweep line a.pt b.pt --model resnet20 --data cifar10 --align weights
+"""
+
+
+def _add_align(sub) -> None:
+    p = sub.add_parser("align", help="permute a checkpoint's hidden units to match another's (Git Re-Basin)",
+                       description="Permute theta_b's hidden units to match theta_a's (weight matching or activation "
+                                   "matching); the result computes exactly theta_b's function and is written to "
+                                   "--out. The permutation structure is derived from the model with torch.fx.",
+                       epilog=ALIGN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs=2, metavar="CHECKPOINT",
+                   help="theta_a (the reference) and theta_b (permuted): files, or with --run steps, init, final")
+    add_dataclass_options(p, AlignOptions, "align options")
+    p.set_defaults(func=cmd_align)
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    opts: AlignOptions = options_from_args(args, AlignOptions)
+    if opts.out is None:
+        raise CLIError("where to? give --out FILE (.pt or .safetensors) for the aligned theta_b")
+    if not Path(opts.out).parent.exists():
+        raise CLIError(f"--out {opts.out!r}: the folder {str(Path(opts.out).parent)!r} does not exist", EXIT_DATA)
+    if opts.method not in ("weights", "activations"):
+        raise CLIError(f"--method {opts.method!r}: expected weights or activations")
+    check_positive(opts.threads, "--threads")
+    check_positive(opts.max_iter, "--max-iter")
+    check_positive(opts.limit, "--limit")
+    check_positive(opts.batch_size, "--batch-size")
+    import torch
+
+    import lerpfast
+    import lerpfast.data as ld
+    from lerpfast.train import models
+    from lerpfast.train.config import parse_options
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    ckpts, labels = _resolve_checkpoints(args.checkpoints, opts)
+    model_name, model_opts, dataset = opts.model, opts.model_options, opts.data
+    if opts.run is not None:
+        from lerpfast.train import load_config
+
+        try:
+            cfg = load_config(opts.run)
+        except FileNotFoundError:
+            raise CLIError(f"{opts.run}: no hparams.json (not a `lerpfast train` run directory)", EXIT_DATA) from None
+        model_name, model_opts = model_name or cfg.model, model_opts or cfg.model_options
+        dataset = dataset or cfg.dataset
+    if model_name is None:
+        raise CLIError("which model? give --model NAME (e.g. lenet_300_100) or --run RUN_DIR")
+    if opts.method == "activations" and dataset is None:
+        raise CLIError("--method activations: which data? give --data NAME (see `lerpfast data list`)")
+    data, shape = None, {}
+    if dataset is not None:
+        if dataset not in ld.REGISTRY:
+            raise CLIError(f"--data {dataset!r}: unknown data set (known: {', '.join(ld.REGISTRY)}; see "
+                           f"`lerpfast data list`)")
+        data = ld.load(dataset, opts.split, root=opts.data_root, batch_size=opts.batch_size, limit=opts.limit)
+        shape = {"num_classes": int(data.num_classes), "in_shape": tuple(int(s) for s in data.input_shape)}
+    try:
+        model = models.create(model_name, **shape, **parse_options(model_opts)).eval()
+    except TypeError as e:
+        raise CLIError(f"model {model_name!r}: bad --model-options ({e})") from None
+    res = lerpfast.align(model, ckpts[0], ckpts[1], opts.method, data, seed=opts.seed, max_iter=opts.max_iter)
+    s = res.summary()
+    print(f"aligned {labels[1]} to {labels[0]} ({opts.method}): {s['groups']} groups, {s['units']} units, "
+          f"{s['moved']} moved; {res.iterations} iteration{'s' if res.iterations != 1 else ''}, objective "
+          f"{res.objective_start:.6g} -> {res.objective:.6g}; {res.seconds:.2f}s; same outputs to "
+          f"{res.max_deviation:.1e}")
+    if res.frozen:
+        print("  held at the identity: " + "; ".join(f"{k} ({v})" for k, v in res.frozen.items()))
+    if opts.out.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in res.state_dict.items()}, opts.out)
+    else:
+        torch.save(res.state_dict, opts.out)
+    print(f"  wrote {opts.out}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # show / plot
 
 
@@ -918,6 +1039,7 @@ typical session:
   lerpfast train --model lenet_300_100 --dataset fashion-mnist --replicates 3
   lerpfast sweep line --run runs/train_<hash> init final --name init-final
   lerpfast merge soup ft*.pt --model mlp --data digits:train   greedy soup (also: wiseft, task-arithmetic)
+  lerpfast align a.pt b.pt --model resnet20 --out b_aligned.pt   permute b's units to match a's
   lerpfast show results.h5              sweeps in the file and their completion
   lerpfast plot results.h5 --out figs   the papers' figures
 
@@ -949,6 +1071,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     command = _command_of(argv)
     _add_sweep(sub)
     _add_merge(sub)
+    _add_align(sub)
     _add_show(sub)
     _add_repair(sub)
     _add_plot(sub)

@@ -566,6 +566,9 @@ def sweep(
     model, states, pruning = load_pruned(spec.sources, model, labels if labels is not None else spec.labels(),
                                          copy=False, mask_from=mask_from)
     timings["checkpoints"] = clock() - t_start
+    if pruning and getattr(spec, "align", None) is not None:
+        raise ValueError("Line(align=...) with pruned checkpoints: the masks are in theta_b's unit order, not the "
+                         "aligned one; align the dense checkpoints, or sweep the line without align")
     t = clock()
     aff = spec.resolve(states, model, combine_dtype)
     pruning.apply(aff)

@@ -185,13 +185,31 @@ class Line(Slice):
 
     Covers init -> final, solution -> solution, random point -> solution and the zoomed sweeps of
     Goodfellow et al. (e.g. ``alphas="0.99:1:200"``).
+
+    With ``align="weights"`` (or ``"activations"``) theta_b's hidden units are first permuted to match theta_a's
+    (:func:`lerpfast.align`, at resolve time, against the sweep's model): the line runs from theta_a to the aligned
+    theta_b, which computes theta_b's function. ``align_options`` go to :func:`lerpfast.align` (``seed``,
+    ``max_iter``, ``data`` for ``"activations"``, ...). The alignment's summary is in the slice's
+    ``info["align"]`` (a sweep's ``meta["slice_info"]``) and the method in ``describe()``; the
+    :class:`lerpfast.Alignment` itself in ``self.alignment`` after the sweep.
     """
 
     kind = "line"
 
-    def __init__(self, theta_a, theta_b, alphas=None):
+    def __init__(self, theta_a, theta_b, alphas=None, *, align: str | None = None,
+                 align_options: dict | None = None):
         self.sources = [theta_a, theta_b]
         self.alphas = None if alphas is None else parse_coords(alphas)
+        if align is not None:
+            from lerpfast.align import METHODS
+
+            if align not in METHODS:
+                raise ValueError(f"Line: align={align!r}: expected None or one of {METHODS}")
+            if align == "activations" and (align_options or {}).get("data") is None:
+                raise ValueError("Line: align='activations' needs align_options={'data': batches} (e.g. the "
+                                 "training set)")
+        self.align, self.align_options = align, dict(align_options or {})
+        self.alignment = None
 
     def with_default_coords(self, alphas) -> Line:
         if alphas is not None:
@@ -201,15 +219,31 @@ class Line(Slice):
         return self
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "alphas": self.alphas.tolist()}
+        out = {"kind": self.kind, "alphas": self.alphas.tolist()}
+        if self.align is not None:  # (absent without alignment: stores written before it still resume)
+            opts = {k: v for k, v in self.align_options.items() if isinstance(v, (int, float, str, bool, type(None)))}
+            if "data" in self.align_options:
+                from lerpfast.evaluate import _describe_data, as_batches
+
+                opts["data"] = _describe_data(as_batches(self.align_options["data"], 256))
+            out["align"] = {"method": self.align, **opts}
+        return out
 
     def resolve(self, states, model, dtype) -> AffineSlice:
+        info = None
+        if self.align is not None:
+            from lerpfast.align import align
+
+            self.alignment = align(model, states[0], states[1], self.align, **self.align_options)
+            # the aligned endpoint is theta_b from here on (the caller's list: bn="endpoint:1" reads it)
+            states[1] = self.alignment.state_dict
+            info = {"align": self.alignment.summary()}
         a, b = _cast(states, dtype)
         t = torch.as_tensor(self.alphas, dtype=torch.float64).to(dtype)  # rounded to the combine dtype first,
         upper = t >= 0.5                                                  # then 1-w in that dtype: torch.lerp's order
         coefs = torch.where(upper, t - 1, t)
         return _build(self.kind, [a, b], [_sub(b, a)], upper.long(), coefs[:, None], self.alphas[:, None],
-                      ("alpha",), dtype)
+                      ("alpha",), dtype, info=info)
 
 
 class Bilinear(Slice):

@@ -80,3 +80,36 @@ def test_zoo_model_against_float64_oracle(name):
         if isinstance(paths, dict) else paths
     print(f"\nZOO {name}: torch {torch.__version__}, torchvision {tv.__version__}, timm {timm.__version__}; "
           f"not native: {fallback or 'none'}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Permutation alignment (issue 14 part 1): torchvision models align without a spec, or raise naming what stops them
+
+ALIGNABLE = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "convnext_tiny"]
+
+
+@pytest.mark.parametrize("name", ALIGNABLE)
+def test_torchvision_models_align_to_the_same_function(name):
+    torch.manual_seed(0)
+    model = getattr(M, name)(num_classes=10).eval()
+    a = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(1)
+    b = getattr(M, name)(num_classes=10).state_dict()
+    res = lerpfast.align(model, a, b, example_input=(2, 3, 64, 64), max_iter=1)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = torch.func.functional_call(model, b, (x,))
+        got = torch.func.functional_call(model, res.state_dict, (x,))
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert res.summary()["moved"] > 0
+    print(f"\n{name}: {len(res.perms)} groups permuted, {len(res.frozen)} held ({next(iter(res.frozen))}: "
+          f"{next(iter(res.frozen.values()))}), {res.seconds:.1f}s")
+
+
+@pytest.mark.parametrize("name,named", [("densenet121", "cat in 'features.denseblock1.denselayer1'"),
+                                        ("shufflenet_v2_x0_5", "cat in 'stage2.0'")])
+def test_torchvision_models_that_cannot_align_name_the_op(name, named):
+    model = getattr(M, name)(num_classes=10).eval()
+    state = model.state_dict()
+    with pytest.raises(lerpfast.AlignError, match=named.replace(".", r"\.")):
+        lerpfast.align(model, state, state, example_input=(2, 3, 64, 64))
