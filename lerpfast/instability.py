@@ -352,8 +352,9 @@ def read_instability(store: str | os.PathLike, align: str | None = None) -> Inst
 # the analysis
 
 
-def _aligned(model, theta_a, theta_b, method: str):
-    """``theta_b`` permuted to match ``theta_a`` by ``lerpfast.align.align`` (built separately: a hook until then)."""
+def _aligned(model, theta_a, theta_b, method: str, data=None):
+    """``theta_b`` permuted to match ``theta_a`` by ``lerpfast.align.align`` (activation matching on ``data``, the
+    run's training set)."""
     import importlib
 
     try:
@@ -361,7 +362,8 @@ def _aligned(model, theta_a, theta_b, method: str):
     except ImportError as e:
         raise ImportError(f"align={method!r}: alignment needs lerpfast.align, which this lerpfast does not have "
                           "(run without align for the raw line)") from e
-    res = align_mod.align(model, theta_a, theta_b, method=method)
+    res = (align_mod.align(model, theta_a, theta_b, method=method) if data is None
+           else align_mod.align(model, theta_a, theta_b, method=method, data=data))
     sd = res.state_dict
     return sd() if callable(sd) else sd
 
@@ -486,6 +488,9 @@ def analyze_instability(run_dir: str | os.PathLike, at, children: int = 2, *, re
     from lerpfast.store import ResultStore
 
     store.parent.mkdir(parents=True, exist_ok=True)
+    align_data = None
+    if align == "activations":  # correlations over the training set, as the training run read it
+        align_data = ld.load(config.dataset, "train", root=config.data_root, batch_size=batch_size, limit=config.limit)
     with ResultStore(store) as st:
         for k in ks:
             for i, j in pairs:
@@ -493,7 +498,7 @@ def analyze_instability(run_dir: str | os.PathLike, at, children: int = 2, *, re
                 theta_a, theta_b = finals[(k, i)], finals[(k, j)]
                 if align is not None:
                     theta_b = _aligned(model, torch.load(theta_a, weights_only=True),
-                                       torch.load(theta_b, weights_only=True), align)
+                                       torch.load(theta_b, weights_only=True), align, align_data)
                 results[(k, (i, j))] = lerpfast.sweep(model, (theta_a, theta_b), alphas, test, store=st, name=name,
                                                       device=device, progress=progress, batch_size=batch_size)
                 names[(k, (i, j))] = name

@@ -201,7 +201,7 @@ def test_align_hook(parent, tmp_path, monkeypatch):
         analyze_instability(parent, [30], 2, align="weights", alphas="0:1:3", store=tmp_path / "a.h5")
     calls = []
 
-    def align(model, a, b, method):  # a stand-in: "aligns" b onto a by returning a itself
+    def align(model, a, b, method, data=None):  # a stand-in: "aligns" b onto a by returning a itself
         calls.append(method)
         return types.SimpleNamespace(state_dict=a)
 
@@ -209,6 +209,19 @@ def test_align_hook(parent, tmp_path, monkeypatch):
     res = analyze_instability(parent, [30], 2, align="activations", alphas="0:1:3", store=tmp_path / "a.h5")
     assert calls == ["activations"] and res.names[(30, (0, 1))] == "k=30:c0-c1:activations"
     assert res.barriers["error"][0, 0] == 0.0  # child 0 against itself
+
+
+def test_with_real_alignment(parent, tmp_path):
+    """lerpfast.align for real: the aligned child computes the same function, so the line's endpoints match the raw
+    line's, and the raw and aligned sweeps sit side by side in one file."""
+    raw = analyze_instability(parent, [0, 30], 2, alphas="0:1:5", store=tmp_path / "r.h5")
+    for method in ("weights", "activations"):
+        al = analyze_instability(parent, [0, 30], 2, alphas="0:1:5", store=tmp_path / "r.h5", align=method)
+        assert al.names[(30, (0, 1))] == f"k=30:c0-c1:{method}"
+        for m in ("error", "loss"):
+            np.testing.assert_allclose(al.endpoints[m], raw.endpoints[m], rtol=1e-5, atol=1e-7)
+        assert np.all(np.isfinite(al.barriers["error"]))
+    assert read_instability(tmp_path / "r.h5").names == raw.names  # the raw sweeps, unchanged
 
 
 def test_plot(parent, tmp_path):
