@@ -274,3 +274,17 @@ def test_stand_in_gives_dtype_and_shape_but_no_values():
         F.linear(torch.randn(2, 4), w)
     with pytest.raises(AttributeError, match="evaluated at K points"):
         w.sum()
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_frozen_layers_after_a_tuned_one_run_as_plain_ops(fuse):
+    """Only the first block's first conv is tuned: every frozen conv / BN / chain after it sees per-point inputs,
+    and runs its plain op over all rows (no per-point weights, no folds) — the stem before it is shared."""
+    torch.manual_seed(0)
+    net = _with_stats(zoo.create("resnet20", num_classes=10, in_shape=(3, 8, 8)), 0)
+    mp = _check(net, ["blocks.0.conv1."], torch.randn(7, 3, 8, 8), expect_modules=["conv", "bn"],
+                expect_region=True, fuse=fuse)
+    if fuse:
+        rep = mp.fusion_report()
+        assert rep["constant_calls"] > 0 and rep["calls"]["fused"] >= 1  # the tuned conv's chain stays fused
+    assert mp.ctx.max_materialized <= 16 * 3 * 3 * 16 * 8 * len(ALPHAS)  # only the tuned conv's K weights

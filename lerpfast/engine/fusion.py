@@ -70,6 +70,7 @@ class FusedChain(nn.Module):
         self.add, self.relu = add, relu  # add: None, "add" (out of place) or "iadd" (in place on the BN output)
         self.enabled = True
         self.calls = {"fused": 0, "partial": 0, "unfused": 0}  # partial: fused up to BN, the add / ReLU after
+        self.constant_calls = 0  # calls with every tensor of the chain the same at every point: plain ops
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, add={self.add}, relu={self.relu}"
@@ -79,6 +80,12 @@ class FusedChain(nn.Module):
         if not (self.enabled and ctx.pts is not None and torch.is_tensor(x) and x.dim() >= 2
                 and (x.shape[0] == ctx.K * ctx.batch or ctx.is_unrepeated(x)) and x.is_floating_point()):
             return self._unfused(x, residual)
+        if self.layer.constants() is not None and (self.bn is None or self.bn.constant_path()):
+            # the same tensors at every point (a frozen layer): the plain ops, once on the B rows when the input is
+            # the same for every point, and no per-point weights or folds at all
+            self.constant_calls += 1
+            y = self.layer(x)
+            return self._tail(y if self.bn is None else self.bn(y), residual)
         bn = None
         if self.bn is not None:
             if not self.bn.foldable() or (isinstance(self.layer, MPLinear) and x.dim() != 2):

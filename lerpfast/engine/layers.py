@@ -372,8 +372,24 @@ class MPBatchNorm(MultiPointLayer):
         self._fold = (pts, folded)
         return folded
 
+    def constant_path(self) -> bool:
+        """Every tensor the same at every point, running statistics in use and none recalibrated: the plain
+        eval-mode batch norm."""
+        return (self.track and self.calibrated is None and not self.ctx.calibrate and "running_mean" in self.slices
+                and self.constants() is not None)
+
     def run(self, x: torch.Tensor) -> torch.Tensor:  # (K*B, C, *)
         K = self.ctx.K
+        if self.constant_path():
+            c = self.constants()
+
+            def plain(r):
+                w, b = c.get("weight"), c.get("bias")
+                return F.batch_norm(r, c["running_mean"].to(r.dtype), c["running_var"].to(r.dtype),
+                                    None if w is None else w.to(r.dtype), None if b is None else b.to(r.dtype),
+                                    False, 0.0, self.eps)
+
+            return self._plain(x, plain)
         xs = _split(x, K)  # (K, B, C, *)
         C = xs.shape[2]
         weight, bias = self.build("weight"), self.build("bias")

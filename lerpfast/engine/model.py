@@ -322,7 +322,8 @@ class MultiPointModel(nn.Module):
         chain calls ran fused / unfused (a chain runs unfused under BN recalibration or inputs it cannot take)."""
         chains = [m for m in self.net.modules() if isinstance(m, FusedChain)]
         calls = {k: sum(c.calls[k] for c in chains) for k in ("fused", "partial", "unfused")}
-        return {**self.fusion, "chains": len(chains), "calls": calls}
+        return {**self.fusion, "chains": len(chains), "calls": calls,
+                "constant_calls": sum(c.constant_calls for c in chains)}
 
     def shared_report(self) -> dict:
         """Where the part of the network that is the same at every point ends (engine/shared.py): the constant
@@ -364,7 +365,7 @@ class MultiPointModel(nn.Module):
                 m.reset_calibration()
         for c in self.net.modules():
             if isinstance(c, FusedChain):
-                c.calls = dict.fromkeys(c.calls, 0)
+                c.calls, c.constant_calls = dict.fromkeys(c.calls, 0), 0
         self.ctx.pts, self.ctx.shared, self.ctx.unrepeated = None, {}, []
         self.ctx.calibrate, self.ctx.max_materialized, self.ctx.stats = False, 0, {}
 
