@@ -288,3 +288,21 @@ def test_frozen_layers_after_a_tuned_one_run_as_plain_ops(fuse):
         rep = mp.fusion_report()
         assert rep["constant_calls"] > 0 and rep["calls"]["fused"] >= 1  # the tuned conv's chain stays fused
     assert mp.ctx.max_materialized <= 16 * 3 * 3 * 16 * 8 * len(ALPHAS)  # only the tuned conv's K weights
+
+
+def test_transformers_clip_vision_tower_native():
+    """transformers' CLIP vision tower with its projection (a CLIP image encoder): every module native, equal to
+    the per-point float64 loop, scored on ``image_embeds`` through ``output=``."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, image_size=16, patch_size=8, projection_dim=12)
+    m = transformers.CLIPVisionModelWithProjection(cfg).eval()
+    theta_b = _moved(m, [""], scale=0.05)
+    g = torch.Generator().manual_seed(1)
+    data = (torch.randn(5, 3, 16, 16, generator=g), torch.randint(0, 12, (5,), generator=g))
+    kw = dict(batch_size=3, progress=False, output=lambda o: o.image_embeds, precision="fp64")
+    r = sweep(m, (m, theta_b), ALPHAS, data, **kw)
+    ref = sweep(m, (m, theta_b), ALPHAS, data, method="loop", **kw)
+    np.testing.assert_allclose(r.loss, ref.loss, rtol=1e-10)
+    assert not [p for p in r.meta["paths"].values() if p.startswith("fallback")]
