@@ -17,7 +17,7 @@ Here LeNet-300-100 with batch norm (BatchNorm1d before each hidden ReLU) and dro
 and without batch norm (the §4.4 variant), on Fashion-MNIST, or on scikit-learn's digits with ``--quick``. Every
 rate is multiplied by 0.2 at half of training (ours: the paper states no schedule), so that the switch at 75 % falls
 in the slow "minimization" phase §4.3 speaks of. The MLP stands in for the paper's NIN / VGG: CIFAR-10 is not on
-this machine (``lerpfast reproduce im --dataset cifar10 --model nin`` runs the same code where it is).
+this machine (``lerpfast reproduce im --dataset cifar10 --model nin`` is the command where it is; not run here).
 
 * 7 methods x {with, without batch norm} x 2 initializations (seeds 0 and 1, ``seed_policy="init"``: the same
   minibatch order); seed 0 is the shared initialization of §4.1 (for one seed the Linear weights of both models are
