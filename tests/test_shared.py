@@ -105,6 +105,14 @@ def test_mlp_frozen_prefix_one_region():
     assert rep["ends_before"] == ["_6"]  # per-point work starts at the tuned head
 
 
+def test_frozen_module_list_shares_its_children():
+    """A ModuleList whose tensors are all the same at every point (the zoo MLP's ``hidden``, e.g. a run whose hidden
+    layers never moved) has no forward of its own: its layers are shared one by one, the model's loop still works."""
+    torch.manual_seed(0)
+    mlp = zoo.create("mlp", num_classes=7, in_shape=(1, 5, 7), widths=(13, 11), dropout=0.3)
+    _check(mlp, ["out."], torch.randn(9, 1, 5, 7), expect_modules=["hidden.0", "hidden.1"], expect_region=True)
+
+
 @pytest.mark.parametrize("fuse", [True, False])
 def test_resnet_tuned_last_block_region_ends_inside_the_block(fuse):
     torch.manual_seed(0)

@@ -232,7 +232,8 @@ class MultiPointModel(nn.Module):
 
     def _convert(self, module: nn.Module, name: str, force: set, share: bool = True) -> nn.Module | None:
         typ = type(module)
-        if share and self._share and not (name in force or typ in force):
+        # containers (ModuleList, ModuleDict) have no forward of their own: their children share one by one
+        if share and self._share and not (name in force or typ in force) and not isinstance(module, _MODULE_CONTAINERS):
             below = self._tensors(name, direct=False)
             if below and all(p.constant() for p in below.values()):
                 # every tensor below is the same at every point: the user's module, run once on the B rows when
@@ -433,6 +434,7 @@ class MultiPointModel(nn.Module):
 # ---------------------------------------------------------------------------------------------- no-repeat plan
 
 # modules that act on each sample alone and keep the batch axis first (the engine's copy is in eval mode)
+_MODULE_CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 _PER_SAMPLE_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                        nn.FeatureAlphaDropout)
 

@@ -56,8 +56,11 @@ def _init_weights(model: nn.Module, init: str = "kaiming_normal", bn_init: str =
     model : nn.Module
         Model whose submodules are re-initialized (in module registration order, so the result is a
         function of the global torch seed only).
-    init : {"kaiming_normal", "kaiming_uniform", "xavier_normal", "default"}
-        Conv / linear weight initializer; ``"default"`` keeps PyTorch's own initialization.
+    init : {"kaiming_normal", "kaiming_uniform", "xavier_normal", "default"} or "normal(mean,std)"
+        Conv / linear weight initializer; ``"default"`` keeps PyTorch's own initialization. ``"normal(m,s)"``
+        draws every conv / linear weight *and bias* from N(m, s^2), the "exotic" initializations of Im, Tao &
+        Branson (2016, appendix A.5), e.g. ``"normal(-10,0.01)"`` or ``"normal(-1,1)"`` (s is the standard
+        deviation).
     bn_init : {"uniform", "ones", "default"}
         Batch-norm scale initializer: ``U(0, 1)`` (OpenLTH's default), all ones, or PyTorch's default.
     """
@@ -67,13 +70,19 @@ def _init_weights(model: nn.Module, init: str = "kaiming_normal", bn_init: str =
         "xavier_normal": nn.init.xavier_normal_,
         "default": None,
     }
-    if init not in weight_inits:
-        raise ValueError(f"unknown init {init!r}; choose from {sorted(weight_inits)}")
+    exotic = _parse_normal(init)
+    if init not in weight_inits and exotic is None:
+        raise ValueError(f"unknown init {init!r}; choose from {sorted(weight_inits)} or 'normal(mean,std)'")
     if bn_init not in ("uniform", "ones", "default"):
         raise ValueError(f"unknown bn_init {bn_init!r}; choose from ['default', 'ones', 'uniform']")
-    fn = weight_inits[init]
+    fn = weight_inits.get(init)
     for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and fn is not None:
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and exotic is not None:
+            with torch.no_grad():
+                for p in (m.weight, m.bias):
+                    if p is not None:
+                        p.normal_(*exotic)
+        elif isinstance(m, (nn.Linear, nn.Conv2d)) and fn is not None:
             fn(m.weight)
         elif isinstance(m, nn.BatchNorm2d) and m.affine:
             if bn_init == "uniform":
@@ -82,6 +91,21 @@ def _init_weights(model: nn.Module, init: str = "kaiming_normal", bn_init: str =
             elif bn_init == "ones":
                 nn.init.ones_(m.weight)
             # biases of batch norm stay at zero in every policy
+
+
+def _parse_normal(init: str) -> tuple[float, float] | None:
+    """``"normal(m,s)"`` -> ``(m, s)``; ``None`` for any other string (``s`` must be > 0)."""
+    text = str(init).replace(" ", "")
+    if not (text.startswith("normal(") and text.endswith(")")):
+        return None
+    parts = text[len("normal("):-1].split(",")
+    try:
+        mean, std = (float(v) for v in parts)
+    except ValueError:
+        raise ValueError(f"init {init!r}: write normal(mean,std), e.g. 'normal(-1,1)'") from None
+    if not std > 0:
+        raise ValueError(f"init {init!r}: the standard deviation must be > 0")
+    return mean, std
 
 
 def _bn_or_identity(channels: int, bn: bool) -> nn.Module:
