@@ -314,3 +314,32 @@ def test_transformers_clip_vision_tower_native():
     ref = sweep(m, (m, theta_b), ALPHAS, data, method="loop", **kw)
     np.testing.assert_allclose(r.loss, ref.loss, rtol=1e-10)
     assert not [p for p in r.meta["paths"].values() if p.startswith("fallback")]
+
+
+class ReadsAndIterates(nn.Module):
+    """A parent whose forward iterates a frozen Sequential, reads a frozen child's settings and indexes a frozen
+    ParameterList: none of them may break when their tensors are constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.scales = nn.ParameterList([nn.Parameter(torch.ones(8)), nn.Parameter(torch.full((8,), 0.5))])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        for layer in self.stem:
+            x = layer(x)
+        assert self.stem[0].in_features == 5 and len(self.stem) == 3
+        return self.head(x * self.scales[1] + self.stem[2].bias.shape[0])
+
+
+def test_frozen_children_iterated_indexed_and_read_by_their_parent():
+    torch.manual_seed(0)
+    m = ReadsAndIterates()
+    x = torch.randn(6, 5)
+    theta_a = {k: v.clone() for k, v in m.state_dict().items()}
+    theta_b = _moved(m, ["head."])
+    want = _oracle(m, theta_a, theta_b, ALPHAS, x)
+    for fuse in (True, False):
+        got, mp = _engine(m, theta_a, theta_b, ALPHAS, x, torch.float64, fuse=fuse)
+        assert (got - want).abs().max().item() < 1e-10

@@ -144,6 +144,9 @@ class MultiPointLayer(nn.Module):
         self.ctx, self.name = ctx, name
         self.slices = tensors
         self.source_type = type(source).__name__
+        # the source module's plain settings (in_features, kernel_size, eps...), for code that reads them
+        self.source_settings = {k: v for k, v in vars(source).items()
+                                if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self.ctx
@@ -202,8 +205,13 @@ class MultiPointLayer(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             p = self.__dict__.get("slices", {}).get(name)
+            if p is not None and p.constant():  # the same at every point: the tensor itself is right everywhere
+                return p.anchors[0]
             if p is not None:  # its dtype / shape read from outside: a stand-in (using the values raises)
                 return stand_in(self.name, self.source_type, name, p.anchors[0])
+            settings = self.__dict__.get("source_settings", {})
+            if name in settings:
+                return settings[name]
             if name in ("weight", "bias", "running_mean", "running_var"):
                 raise external_read_error(self.name, self.source_type, name) from None
             raise

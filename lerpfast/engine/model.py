@@ -434,7 +434,7 @@ class MultiPointModel(nn.Module):
 # ---------------------------------------------------------------------------------------------- no-repeat plan
 
 # modules that act on each sample alone and keep the batch axis first (the engine's copy is in eval mode)
-_MODULE_CONTAINERS = (nn.ModuleList, nn.ModuleDict)
+_MODULE_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 _PER_SAMPLE_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                        nn.FeatureAlphaDropout)
 

@@ -207,6 +207,24 @@ class PointParamsModule(MultiPointLayer):
             return stand_in(self.name, self.source_type, name, self.slices[name].anchors[0])
         return value
 
+    # a ParameterList / ParameterDict read by its parent: each entry as an attribute read (the tensor itself when it
+    # is the same at every point, else a stand-in); other containers index their (converted) children
+    def __getitem__(self, i):
+        inner = self.inner
+        if isinstance(inner, (nn.ParameterList, nn.ParameterDict)):
+            if isinstance(i, int) and i < 0:
+                i += len(inner)
+            return self.__getattr__(str(i))
+        return inner[i]
+
+    def __iter__(self):
+        if isinstance(self.inner, nn.ParameterList):
+            return (self[i] for i in range(len(self.inner)))
+        return iter(self.inner)
+
+    def __len__(self):
+        return len(self.inner)
+
     def forward(self, *args, **kwargs):
         check_calibration(self)
         inner = self.inner

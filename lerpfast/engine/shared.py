@@ -62,6 +62,26 @@ class SharedModule(MultiPointLayer):
         self.verdicts: dict[tuple, tuple | None] = {}
         self.calls = {"shared": 0, "rows": 0, "converted": 0}
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        # code outside the module reads its children or settings (transformers: self.embeddings.patch_embeddings):
+        # the converted subtree has the same structure (and stand-ins for its tensors)
+        return getattr(nn.Module.__getattr__(self, "alt"), name)
+
+    # a parent that iterates or indexes it (``for block in self.blocks``) gets the converted children: correct at
+    # every point, computed per point rather than shared
+    def __iter__(self):
+        return iter(self.alt)
+
+    def __len__(self):
+        return len(self.alt)
+
+    def __getitem__(self, i):
+        return self.alt[i]
+
     def _recalibrated(self) -> bool:
         return self.ctx.calibrate or any(isinstance(m, MPBatchNorm) and m.calibrated is not None
                                          for m in self.alt.modules())
