@@ -17,7 +17,7 @@ PY3="$(command -v python3.11 || command -v python3)"
 [[ -x "$V/bin/python" ]] || "$PY3" -m venv "$V"
 t0=$(date +%s)
 "$V/bin/python" -m pip install -q --upgrade pip setuptools wheel
-"$V/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" "timm==1.0.31" numpy
+"$V/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" "timm==1.0.31" "open_clip_torch==3.3.0" numpy
 echo "torch214: torch and torchvision installed in $(( $(date +%s) - t0 )) s"
 mkdir -p "$W"
 git ls-files -z | grep -zv '^docs/images/' | xargs -0 cp --parents -t "$W"

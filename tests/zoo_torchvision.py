@@ -113,3 +113,43 @@ def test_torchvision_models_that_cannot_align_name_the_op(name, named):
     state = model.state_dict()
     with pytest.raises(lerpfast.AlignError, match=named.replace(".", r"\.")):
         lerpfast.align(model, state, state, example_input=(2, 3, 64, 64))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# open_clip's image tower under a CLIP zero-shot head, the WiSE-FT model (issue 20 part 4): every module native
+
+open_clip = pytest.importorskip("open_clip")
+
+
+class _ZeroShot(torch.nn.Module):
+    """An open_clip VisionTransformer (raw class / position embeddings and ``proj``) and fixed class embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        from open_clip.transformer import VisionTransformer
+
+        self.tower = VisionTransformer(image_size=32, patch_size=8, width=32, layers=2, heads=4, mlp_ratio=2.0,
+                                       output_dim=16)
+        self.register_buffer("classes", torch.nn.functional.normalize(torch.randn(10, 16), dim=-1))
+
+    def forward(self, x):
+        return 100.0 * torch.nn.functional.normalize(self.tower(x), dim=-1) @ self.classes.t()
+
+
+@pytest.mark.parametrize("tuned", ["everything", "head only"])
+def test_open_clip_tower_native_against_float64_oracle(tuned):
+    a, b = _pair(_ZeroShot)
+    b.classes.copy_(a.classes)  # the zero-shot head: the same class embeddings at both ends
+    if tuned == "head only":  # a linear probe on the tower: its whole body shared (computed once per batch)
+        b.tower.load_state_dict({k: (v if k == "proj" else a.tower.state_dict()[k])
+                                 for k, v in b.tower.state_dict().items()})
+    g = torch.Generator().manual_seed(2)
+    data = (torch.randn(3, 3, 32, 32, generator=g), torch.randint(0, 10, (3,), generator=g))
+    kw = dict(batch_size=2, reference=None, precision="fp64")
+    oracle = lerpfast.sweep(a, (a, b), ALPHAS, data, method="loop", **kw)
+    eng = lerpfast.sweep(a, (a, b), ALPHAS, data, **kw)
+    np.testing.assert_allclose(eng.loss, oracle.loss, rtol=1e-9)
+    assert not [m for m, p in eng.meta["paths"].items() if "fallback" in p], eng.meta["paths"]
+    assert bool(eng.meta["shared"]["calls"]["shared"]) == (tuned == "head only"), eng.meta["shared"]
+    print(f"\nZOO open_clip {open_clip.__version__} VisionTransformer + zero-shot head ({tuned}): native, "
+          f"shared {eng.meta['shared']['modules'] or 'nothing'}")
