@@ -15,11 +15,17 @@ points in time" (Fig. 13).
 
 ``lerpfast reproduce goodfellow`` runs this for one MLP (LeNet-300-100 by default) and a deep linear net:
 
-* train the MLP from two seeds (replicates 0 and 1, about 100 checkpoints each for the trajectory) and a deep linear
-  net (depth 8, width 32, squared loss on one-hot targets of the same images);
+* train the MLP from two seeds (replicates 0 and 1, about 100 checkpoints each for the trajectory), a deep linear
+  net (depth 8, width 32, squared loss on one-hot targets of the same images), and the paper's three MLP kinds of
+  Figs. 1-3 (maxout and sigmoid with 300-100 hidden units, ReLU with dropout 1200-1200; SGD with momentum);
 * sweep init -> final (train and test, extrapolated to [-0.5, 1.5]), 200-point windows [0, 0.01] and [0.99, 1]
   on the training set, solution A <-> solution B and random point -> solution (train and test), and the deep linear
   net's init -> final line in float64, on [-0.5, 1.5] and far out on [-3, 4];
+* sweep 200 values tiling [0, 1] (Fig. 4a), a random point of large norm -> solution (Fig. 5 right with Fig. 10
+  right's "large norm") and init -> final of each of the three MLPs (Figs. 1-3);
+* evaluate §5's scalar model ``y = w1 w2 x`` exactly along the three lines of Figs. 9-10 (small initialization ->
+  solution, two solutions, a large-norm point -> solution), and App. B's random walks (1,000 unit Gaussian steps,
+  the "solution" at step 900) at several dimensions (Fig. 11);
 * project both trajectories onto their init -> final lines (residual against the parameter norm, App. B), and a
   random walk with the same step lengths for comparison;
 * check each claim of the paper on those numbers (:data:`TOL` says how each word became a threshold), record what
@@ -28,7 +34,8 @@ points in time" (Fig. 13).
 
 Sweep names in ``results.h5``: ``init-final@train``, ``init-final@test``, ``zoom-init@train``, ``zoom-final@train``,
 ``A-B@train``, ``A-B@test``, ``random-final@train``, ``random-final@test``, ``deep-linear@train``,
-``deep-linear-wide@train``; the trajectory projections are kept in ``trajectory/*.npz``.
+``deep-linear-wide@train``, ``tile@train``, ``large-random-final@train``, ``act-maxout@train``,
+``act-relu+dropout@train``, ``act-sigmoid@train``; the trajectory projections are kept in ``trajectory/*.npz``.
 """
 
 from __future__ import annotations
@@ -106,7 +113,7 @@ QUICK = Plan(epochs=25, checkpoints=40, line="-0.5:1.5:81", zoom=100, pair="-0.2
              deep_width=32, deep_epochs=30, deep_lr=0.2, train_limit=5000, test_limit=2000, zoom_limit=5000,
              act_epochs=30, walk_dims=(2, 10, 100, 1000, 10_000))
 FULL = Plan(epochs=10, checkpoints=100, line="-0.5:1.5:81", zoom=200, pair="-0.25:1.25:61", deep_depth=8,
-            deep_width=32, deep_epochs=5, deep_lr=0.1, zoom_limit=10_000, act_epochs=40, act_limit=10_000,
+            deep_width=32, deep_epochs=5, deep_lr=0.1, zoom_limit=10_000, act_epochs=60, act_limit=5000,
             walk_dims=(2, 10, 100, 1000, 10_000, 100_000))
 
 BATCH = 128
@@ -119,9 +126,10 @@ RANDOM_POINT_SEED = 10_000  # the "random point": a fresh draw of the initializa
 # A "random point with large norm" (Fig. 10 right; Fig. 5 right says only "a random point in space"): i.i.d. Gaussian
 # entries, seed RANDOM_POINT_SEED + 1, the whole vector scaled to LARGE_NORM x ||theta_final||.
 LARGE_NORM = 10.0
-# Figs. 1-3: the paper's MLPs (maxout; ReLU with dropout; sigmoid) as ``mlp`` options (300-100 hidden units each)
+# Figs. 1-3: the paper's MLPs (maxout; ReLU with dropout; sigmoid) as ``mlp`` options (300-100 hidden units by
+# default; the dropout net wider, 1200-1200, so that it fits its training set in spite of the dropout)
 # and their SGD-with-momentum learning rates (sigmoid units learn slowly at the others' rate)
-ACTIVATIONS = {"maxout": "activation='maxout',pieces=5", "relu+dropout": "dropout=0.5",
+ACTIVATIONS = {"maxout": "activation='maxout',pieces=5", "relu+dropout": "widths=(1200,1200),dropout=0.5",
                "sigmoid": "activation='sigmoid'"}
 ACT_LR = {"maxout": 0.01, "relu+dropout": 0.01, "sigmoid": 0.1}
 ACT_SOURCES = {"maxout": "§3, Fig. 1 (left), Fig. 3", "relu+dropout": "§3, Fig. 2 (right), Fig. 3",
@@ -522,7 +530,7 @@ def _claims_mlp(ctx: Context, res: dict) -> None:
               mono_i.monotonic and mono_f.monotonic,
               note=f"no structure: monotone at the same tolerance; train loss on the first {n_img} training images; "
                    "the paper: 200 values each, ReLU network without dropout (ours has none); Fig. 4a's 200 values "
-                   "on [0, 1] are not run (41 of the 81-point line lie in [0, 1])",
+                   "on [0, 1]: a row of its own",
               init_max_rise=mono_i.max_rise, init_drop=drop_i, final_max_rise=mono_f.max_rise, final_drop=drop_f,
               bumps=mono_i.n_bumps + mono_f.n_bumps)
     # 4: two solutions from different seeds: each is a local minimum of the line between them (Fig. 5 left)
@@ -646,7 +654,7 @@ def _claims_deep_linear(ctx: Context, r, wide, mlp, plan: Plan) -> None:
               note=f"the paper's model is the scalar y = w1 w2 x; ours depth {d}, width {plan.deep_width}, squared "
                    "loss on one-hot targets, PyTorch's default initialization (each layer shrinks its input about "
                    "sqrt(3)-fold, so the initial map is small); flattening: less than half the drop by alpha = 0.5; "
-                   "one minimum: monotone on [0, 1]; Fig. 10 (two solutions, a large-norm random point) is not run",
+                   "one minimum: monotone on [0, 1]; the paper's own scalar model and Fig. 10: the rows below",
               **shape, max_rise=mono.max_rise)
     fit = polynomial_residuals(wide.alphas, wide.loss, (2 * d - 2, 2 * d - 1, 2 * d))
     narrow = polynomial_residuals(r.alphas, r.loss, (2 * d - 1, 2 * d))
@@ -881,7 +889,7 @@ def _claims_new(ctx: Context, res: dict, scalar: dict, walks: dict, plan: Plan) 
                   f"a drop of {fmt(drop)} ({_bumps(mono.n_bumps)}); gap above the convex hull "
                   f"{fmt(viol / drop, 3)} of the drop",
                   mono.monotonic,
-                  note=f"no exotic structure: monotone at {TOL['monotone']:g} x the drop on [0, 1]; mlp 300-100 "
+                  note=f"no exotic structure: monotone at {TOL['monotone']:g} x the drop on [0, 1]; mlp "
                        f"({ACTIVATIONS[name]}), SGD with momentum 0.9, lr {ACT_LR[name]:g}, {plan.act_epochs} epochs "
                        "(the paper: pylearn2's configurations, App. A)",
                   max_rise=mono.max_rise, drop=drop, bumps=mono.n_bumps, train_error=err, convexity=viol / drop)
@@ -926,9 +934,9 @@ def _claims_new(ctx: Context, res: dict, scalar: dict, walks: dict, plan: Plan) 
               f"highest loss on [0, 1] {fmt(top)} at alpha = {at:.3f}; at the solutions {fmt(ends, 2)}",
               top - ends > 1e-9,
               note=f"solutions ({pr['start'][0]:.3f}, {pr['start'][1]:.3f}) and ({pr['end'][0]:.3f}, "
-                   f"{pr['end'][1]:.3f}), by gradient descent from |N(0, 1)| draws (seeds 1, 2; the same branch "
-                   "w1 w2 = 1, w1, w2 > 0); barrier: any rise above the solutions' loss beyond float64 rounding "
-                   "(1e-9)",
+                   f"{pr['end'][1]:.3f}), by gradient descent from |N(0, {SCALAR_PAIR:g}^2)| draws (seeds 1, 2; "
+                   "the same branch w1 w2 = 1, w1, w2 > 0); barrier: any rise above the solutions' loss beyond "
+                   "float64 rounding (1e-9)",
               barrier=top - ends, alpha=at)
     fa, dirs = scalar["far"], scalar["directions"]
     found = interior_minima(a, fa["loss"], 0.0, 1.0 - 1e-9)
@@ -1036,7 +1044,9 @@ def _figures_new(ctx: Context, res: dict, traj: list, scalar: dict, walks: dict,
     a = scalar["alphas"]
     fig = Figure(figsize=(8.4, 6.4), layout="constrained")
     (ax, ax9), (ax10l, ax10r) = fig.subplots(2, 2)
-    g = np.linspace(-3.0, 3.0, 241)
+    ends = np.array([scalar[k][e] for k in ("small", "pair", "far") for e in ("start", "end")])
+    lo, hi = min(-2.0, float(ends.min()) - 0.5), max(2.0, float(ends.max()) + 0.5)
+    g = np.linspace(lo, hi, 301)
     w1, w2 = np.meshgrid(g, g)
     cs = ax.contourf(w1, w2, np.log10(scalar_linear_loss(w1, w2) + 1e-3), levels=20, cmap="viridis")
     fig.colorbar(cs, ax=ax, label=r"$\log_{10}(J + 10^{-3})$")
@@ -1046,12 +1056,12 @@ def _figures_new(ctx: Context, res: dict, traj: list, scalar: dict, walks: dict,
         ax.plot(*st, "o", color=color, ms=3)
         ax.plot(*en, "s", color=color, ms=3)
     ax.plot(0, 0, "x", color="w", ms=6)
-    ax.set_xlim(-3, 3)
-    ax.set_ylim(-3, 3)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
     ax.set_xlabel("$w_1$")
     ax.set_ylabel("$w_2$")
     ax.set_title(r"$J = (w_1 w_2 - 1)^2$", fontsize="medium")
-    ax.legend(fontsize="x-small", loc="lower left")
+    ax.legend(fontsize="x-small", loc="upper left")
     for axc, key, title in ((ax9, "small", "Fig. 9: small init -> solution"),
                             (ax10l, "pair", "Fig. 10 left: two solutions"),
                             (ax10r, "far", "Fig. 10 right: large-norm point -> solution")):
@@ -1063,6 +1073,7 @@ def _figures_new(ctx: Context, res: dict, traj: list, scalar: dict, walks: dict,
         axc.axvline(1, color="0.7", lw=0.6, zorder=0)
         axc.grid(alpha=0.3)
     ax10r.set_yscale("symlog", linthresh=1.0)
+    ax10r.set_ylim(bottom=0)
     fig.suptitle("deep linear regression y = w1 w2 x (one example, x = y = 1)")
     ctx.figure(fig, "scalar_linear", "The scalar deep linear model of §5: its loss surface and the three lines of "
                                      "Figs. 9 and 10")
