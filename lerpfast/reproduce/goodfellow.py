@@ -107,11 +107,12 @@ class Plan:
     act_limit: int | None = None  # ... trained and swept on the first N training samples
     walk_dims: tuple[int, ...] = (2, 10, 100, 1000, 10_000)  # App. B, Fig. 11: random walks of these dimensions
     walks: int = 3  # walks per dimension
+    dropout_widths: tuple[int, ...] = (1200, 1200)  # hidden widths of the ReLU-with-dropout MLP
 
 
 QUICK = Plan(epochs=25, checkpoints=40, line="-0.5:1.5:81", zoom=100, pair="-0.25:1.25:61", deep_depth=8,
              deep_width=32, deep_epochs=30, deep_lr=0.2, train_limit=5000, test_limit=2000, zoom_limit=5000,
-             act_epochs=30, walk_dims=(2, 10, 100, 1000, 10_000))
+             act_epochs=30, walk_dims=(2, 10, 100, 1000, 10_000), dropout_widths=(300, 100))
 FULL = Plan(epochs=10, checkpoints=100, line="-0.5:1.5:81", zoom=200, pair="-0.25:1.25:61", deep_depth=8,
             deep_width=32, deep_epochs=5, deep_lr=0.1, zoom_limit=10_000, act_epochs=60, act_limit=5000,
             walk_dims=(2, 10, 100, 1000, 10_000, 100_000))
@@ -127,9 +128,9 @@ RANDOM_POINT_SEED = 10_000  # the "random point": a fresh draw of the initializa
 # entries, seed RANDOM_POINT_SEED + 1, the whole vector scaled to LARGE_NORM x ||theta_final||.
 LARGE_NORM = 10.0
 # Figs. 1-3: the paper's MLPs (maxout; ReLU with dropout; sigmoid) as ``mlp`` options (300-100 hidden units by
-# default; the dropout net wider, 1200-1200, so that it fits its training set in spite of the dropout)
+# default; the dropout net as wide as Plan.dropout_widths, so that it fits its training set in spite of the dropout)
 # and their SGD-with-momentum learning rates (sigmoid units learn slowly at the others' rate)
-ACTIVATIONS = {"maxout": "activation='maxout',pieces=5", "relu+dropout": "widths=(1200,1200),dropout=0.5",
+ACTIVATIONS = {"maxout": "activation='maxout',pieces=5", "relu+dropout": "dropout=0.5",
                "sigmoid": "activation='sigmoid'"}
 ACT_LR = {"maxout": 0.01, "relu+dropout": 0.01, "sigmoid": 0.1}
 ACT_SOURCES = {"maxout": "§3, Fig. 1 (left), Fig. 3", "relu+dropout": "§3, Fig. 2 (right), Fig. 3",
@@ -367,8 +368,9 @@ def run(ctx: Context) -> None:
                              steps=f"{plan.deep_epochs}ep", checkpoints="none", evaluate="none")
         bar.update()
         act_runs = {}
-        for act, options in ACTIVATIONS.items():  # Figs. 1-3: SGD with momentum 0.9 (§2: "usually with momentum")
-            act_runs[act] = ctx.train(model="mlp", model_options=options, dataset=s.dataset, limit=plan.act_limit,
+        for act in ACTIVATIONS:  # Figs. 1-3: SGD with momentum 0.9 (§2: "usually with momentum")
+            act_runs[act] = ctx.train(model="mlp", model_options=_act_options(act, plan), dataset=s.dataset,
+                                      limit=plan.act_limit,
                                       optimizer="sgdm", lr=ACT_LR[act], batch_size=BATCH,
                                       steps=f"{plan.act_epochs}ep", checkpoints="none", evaluate="none")
             bar.update()
@@ -803,6 +805,13 @@ def _figures(ctx: Context, res: dict, traj: list, plan: Plan) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _act_options(name: str, plan: Plan) -> str:
+    """``mlp`` options of one of the Figs. 1-3 networks."""
+    if name == "relu+dropout":
+        return f"widths=({','.join(str(w) for w in plan.dropout_widths)}),{ACTIVATIONS[name]}"
+    return ACTIVATIONS[name]
+
+
 def _large_norm_point(final_path) -> dict:
     """A random point of large norm: i.i.d. Gaussian entries (seed ``RANDOM_POINT_SEED + 1``) scaled so that the
     whole vector's norm is ``LARGE_NORM`` x the solution's."""
@@ -890,7 +899,8 @@ def _claims_new(ctx: Context, res: dict, scalar: dict, walks: dict, plan: Plan) 
                   f"{fmt(viol / drop, 3)} of the drop",
                   mono.monotonic,
                   note=f"no exotic structure: monotone at {TOL['monotone']:g} x the drop on [0, 1]; mlp "
-                       f"({ACTIVATIONS[name]}), SGD with momentum 0.9, lr {ACT_LR[name]:g}, {plan.act_epochs} epochs "
+                       f"({_act_options(name, plan)}), SGD with momentum 0.9, lr {ACT_LR[name]:g}, "
+                       f"{plan.act_epochs} epochs "
                        "(the paper: pylearn2's configurations, App. A)",
                   max_rise=mono.max_rise, drop=drop, bumps=mono.n_bumps, train_error=err, convexity=viol / drop)
     r = res["act-maxout@train"]
@@ -915,8 +925,8 @@ def _claims_new(ctx: Context, res: dict, scalar: dict, walks: dict, plan: Plan) 
     ctx.claim("y = w1 w2 x, small random initialization -> solution: \"a flattening of the objective function near "
               "the saddle point at the origin, and only one minimum within this 1-D subspace\"", "§5, Fig. 9",
               f"fraction of the drop done by alpha = 0.5: {fmt(shape['frac50'], 3)} (straight fall: 0.5); slope at "
-              f"alpha = 0 / mean slope {fmt(shape['slope0'], 3)}; minima on [-0.5, 1.5]: "
-              f"{', '.join(f'{x:.3f}' for x in minima) or 'none'}",
+              f"alpha = 0 / mean slope {fmt(shape['slope0'], 3)}; local minima on [-0.5, 1.5]: "
+              f"{', '.join(f'alpha = {x:.3f}' for x in minima) or 'none'}",
               shape["frac50"] < TOL["flat"] and len(minima) == 1,
               note=f"init N(0, {SCALAR_SMALL:g}^2) per weight (seed 0) = ({sm['start'][0]:.3f}, {sm['start'][1]:.3f}), "
                    f"gradient descent to ({sm['end'][0]:.3f}, {sm['end'][1]:.3f}); the loss (w1 w2 - 1)^2, exact in "
