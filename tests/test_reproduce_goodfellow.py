@@ -25,6 +25,16 @@ EXPECTED = [
     ("\"Stochastic gradient descent does not actually follow this path", ("seed0", "seed1")),
     ("\"our linear subspace captures at least 2/3 the norm", ("seed0", "seed1")),
     ("deep linear regression, small initialization", ("frac25", "frac50", "slope0", "max_rise")),
+    ("tiling [0, 1] with 200 values of alpha", ("max_rise", "drop", "bumps")),
+    ("from a random point of large norm to an SGD solution", ("local_minima", "max_rise", "start_loss")),
+    ("maxout MLP, init -> final", ("max_rise", "drop", "train_error", "convexity")),
+    ("relu+dropout MLP, init -> final", ("max_rise", "drop", "train_error", "convexity")),
+    ("sigmoid MLP, init -> final", ("max_rise", "drop", "train_error", "convexity")),
+    ("maxout: \"Apart from the flattening near alpha = 0", ("slope0", "convexity")),
+    ("y = w1 w2 x, small random initialization -> solution", ("frac50", "slope0", "minima")),
+    ("y = w1 w2 x, two solutions", ("barrier", "alpha")),
+    ("y = w1 w2 x, a random point with large norm", ("local_minima", "crossing", "other")),
+    ("random walks: the projection-residual plot", ("d2", "d10", "d100", "d1000", "d10000")),
 ]
 # our own findings beyond the paper: listed apart, never counted
 OBSERVATIONS = [
@@ -32,7 +42,8 @@ OBSERVATIONS = [
     ("SGD strays from its line less than half as far as a random walk", ("seed0", "seed1", "walk_relative")),
     ("deep linear net: the loss along a line is a polynomial", ("residual", "residual_lower", "mlp_residual")),
 ]
-FIGURES = ("init_final", "zoom", "solutions", "trajectory", "deep_linear")
+FIGURES = ("init_final", "zoom", "solutions", "trajectory", "deep_linear", "tile", "activations", "large_norm",
+           "trajectory_norm", "scalar_linear", "random_walks")
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +104,83 @@ def test_numbers_are_what_the_claims_say(quick):
     assert 0.4 < obs[1]["walk_relative"] < 0.6  # a high-dimensional random walk: a Brownian bridge, half its chord
     norm = next(c.values for c in res["claims"] if "2/3 the norm" in c.claim)
     assert 0 < norm["seed0"] < 1 and 0 < norm["seed1"] < 1  # a residual is never longer than the vector
+    tile = next(c for c in res["claims"] if c.claim.startswith("tiling"))
+    assert tile.ours.startswith(f"{gvs.QUICK.tile} points in [0, 1]")
+    large = next(c.values for c in res["claims"] if "random point of large norm" in c.claim)
+    near = next(c.values for c in res["claims"] if c.claim.startswith("from a random point to"))
+    assert large["start_loss"] > 10 * near["drop"]  # far out: a huge loss, unlike a fresh draw of the init
+    for name in gvs.ACTIVATIONS:  # the paper's nets reach negligible training error; ours at least get far down
+        act = next(c.values for c in res["claims"] if c.claim.startswith(f"{name} MLP"))
+        assert 0 <= act["train_error"] < 0.1, (name, act)
+    walk = next(c.values for c in res["claims"] if c.claim.startswith("random walks"))
+    assert walk["d10000"] < walk["d2"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The pure pieces against float64 references
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim,chunk", [(1, 4), (37, 10), (64, 64), (5, 1000)])
+def test_unit_walk_projection_matches_direct(dim, chunk):
+    steps, solution = 53, 41
+    got = gvs.unit_walk_projection(dim, steps=steps, solution=solution, seed=3, chunk=chunk)
+    rng = np.random.default_rng(3)  # the same blocks of coordinates, drawn in the same order
+    blocks = [rng.standard_normal((steps, min(chunk, dim - lo))) for lo in range(0, dim, chunk)]
+    x = np.vstack([np.zeros((1, dim)), np.cumsum(np.hstack(blocks), axis=0)])
+    axis = x[solution] / np.linalg.norm(x[solution])
+    proj = x @ axis
+    resid = np.linalg.norm(x - proj[:, None] * axis, axis=1)
+    np.testing.assert_allclose(got["projection"], proj, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(got["residual"], resid, rtol=1e-7, atol=1e-6)
+    assert got["line_length"] == pytest.approx(np.linalg.norm(x[solution]), rel=1e-12)
+    assert got["projection"][0] == 0 and got["residual"][solution] == pytest.approx(0, abs=1e-6)
+
+
+def test_unit_walk_bad_arguments():
+    with pytest.raises(ValueError, match="solution=0"):
+        gvs.unit_walk_projection(3, steps=10, solution=0)
+    with pytest.raises(ValueError, match="solution=11"):
+        gvs.unit_walk_projection(3, steps=10, solution=11)
+    with pytest.raises(ValueError, match="dim=0"):
+        gvs.unit_walk_projection(0)
+
+
+def test_walk_limit_shape():
+    p, r = gvs.walk_limit_shape(1000, 900)
+    assert p[0] == 0 and r[0] == 0 and p[900] == 1 and r[900] == 0
+    assert r[450] == pytest.approx(0.5)  # a half circle of diameter 1 up to the solution
+    assert r[1000] == pytest.approx(np.sqrt(100 / 900))
+    # a high-dimensional walk lies close to it, a 2-d one does not
+    far = np.mean([gvs.walk_shape_distance(gvs.unit_walk_projection(2, seed=s)) for s in range(3)])
+    near = gvs.walk_shape_distance(gvs.unit_walk_projection(20_000, seed=0, chunk=4096))
+    assert near < 0.05 < far
+
+
+def test_scalar_linear_model():
+    rng = np.random.default_rng(7)
+    w1, w2 = rng.normal(size=(2, 9))
+    np.testing.assert_allclose(gvs.scalar_linear_loss(w1, w2), [(a * b - 1) ** 2 for a, b in zip(w1, w2)],
+                               rtol=1e-15)
+    start, end = np.array([0.3, -2.0]), np.array([1.5, 0.25])
+    alphas = np.linspace(-1, 2, 17)
+    ref = [((1 - a) * start[0] + a * end[0]) * ((1 - a) * start[1] + a * end[1]) for a in alphas]
+    np.testing.assert_allclose(gvs.scalar_linear_line(start, end, alphas), (np.array(ref) - 1) ** 2, rtol=1e-12,
+                               atol=1e-15)
+    sol = gvs.scalar_linear_descend([0.05, 0.02])
+    assert sol[0] * sol[1] == pytest.approx(1, abs=1e-11)
+    # gradient flow keeps w1^2 - w2^2; small steps keep it closely, so a balanced small init ends near (1, 1)
+    assert sol[0] ** 2 - sol[1] ** 2 == pytest.approx(0.05**2 - 0.02**2, abs=0.01)
+    with pytest.raises(RuntimeError, match=r"w0 = \(0.0, 0.0\)"):  # the saddle: no gradient
+        gvs.scalar_linear_descend((0.0, 0.0), max_steps=10)
+
+
+def test_interior_minima():
+    a = np.linspace(-1, 1, 21)
+    v = (a**2 - 0.25) ** 2  # minima at +-0.5, a local maximum at 0
+    np.testing.assert_allclose(gvs.interior_minima(a, v), [-0.5, 0.5])
+    np.testing.assert_allclose(gvs.interior_minima(a[::-1], v[::-1], 0.0, 1.0), [0.5])  # order does not matter
+    assert gvs.interior_minima(a, a).size == 0  # monotone: none, and the ends never count
 
 
 def test_figures_written(quick):
@@ -112,7 +200,9 @@ def test_store_holds_every_sweep(quick):
     store = ResultStore(out / "results.h5", "r")
     names = set(store.names())
     expected = {"init-final@train", "init-final@test", "zoom-init@train", "zoom-final@train", "A-B@train", "A-B@test",
-                "random-final@train", "random-final@test", "deep-linear@train", "deep-linear-wide@train"}
+                "random-final@train", "random-final@test", "deep-linear@train", "deep-linear-wide@train",
+                "tile@train", "large-random-final@train", "act-maxout@train", "act-relu+dropout@train",
+                "act-sigmoid@train"}
     assert expected <= names
     for name in expected:
         done, total = store.progress(name)

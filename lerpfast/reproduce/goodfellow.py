@@ -15,11 +15,17 @@ points in time" (Fig. 13).
 
 ``lerpfast reproduce goodfellow`` runs this for one MLP (LeNet-300-100 by default) and a deep linear net:
 
-* train the MLP from two seeds (replicates 0 and 1, about 100 checkpoints each for the trajectory) and a deep linear
-  net (depth 8, width 32, squared loss on one-hot targets of the same images);
+* train the MLP from two seeds (replicates 0 and 1, about 100 checkpoints each for the trajectory), a deep linear
+  net (depth 8, width 32, squared loss on one-hot targets of the same images), and the paper's three MLP kinds of
+  Figs. 1-3 (maxout and sigmoid with 300-100 hidden units, ReLU with dropout 1200-1200; SGD with momentum);
 * sweep init -> final (train and test, extrapolated to [-0.5, 1.5]), 200-point windows [0, 0.01] and [0.99, 1]
   on the training set, solution A <-> solution B and random point -> solution (train and test), and the deep linear
   net's init -> final line in float64, on [-0.5, 1.5] and far out on [-3, 4];
+* sweep 200 values tiling [0, 1] (Fig. 4a), a random point of large norm -> solution (Fig. 5 right with Fig. 10
+  right's "large norm") and init -> final of each of the three MLPs (Figs. 1-3);
+* evaluate §5's scalar model ``y = w1 w2 x`` exactly along the three lines of Figs. 9-10 (small initialization ->
+  solution, two solutions, a large-norm point -> solution), and App. B's random walks (1,000 unit Gaussian steps,
+  the "solution" at step 900) at several dimensions (Fig. 11);
 * project both trajectories onto their init -> final lines (residual against the parameter norm, App. B), and a
   random walk with the same step lengths for comparison;
 * check each claim of the paper on those numbers (:data:`TOL` says how each word became a threshold), record what
@@ -28,7 +34,8 @@ points in time" (Fig. 13).
 
 Sweep names in ``results.h5``: ``init-final@train``, ``init-final@test``, ``zoom-init@train``, ``zoom-final@train``,
 ``A-B@train``, ``A-B@test``, ``random-final@train``, ``random-final@test``, ``deep-linear@train``,
-``deep-linear-wide@train``; the trajectory projections are kept in ``trajectory/*.npz``.
+``deep-linear-wide@train``, ``tile@train``, ``large-random-final@train``, ``act-maxout@train``,
+``act-relu+dropout@train``, ``act-sigmoid@train``; the trajectory projections are kept in ``trajectory/*.npz``.
 """
 
 from __future__ import annotations
@@ -43,7 +50,8 @@ import numpy as np
 from lerpfast.reproduce._common import Context, fmt, threads
 
 __all__ = ["TITLE", "DEFAULTS", "REFERENCES", "Plan", "QUICK", "FULL", "TOL", "polynomial_residuals", "line_shape",
-           "run"]
+           "scalar_linear_loss", "scalar_linear_descend", "scalar_linear_line", "interior_minima",
+           "unit_walk_projection", "walk_limit_shape", "walk_shape_distance", "run"]
 
 TITLE = ("Goodfellow, Vinyals & Saxe (ICLR 2015), \"Qualitatively characterizing neural network optimization "
          "problems\"")
@@ -94,12 +102,20 @@ class Plan:
     train_limit: int | None = None  # train (and evaluate the train-set curves) on the first N training samples
     test_limit: int | None = None
     zoom_limit: int | None = None  # the zoomed windows on the first N training samples
+    tile: int = 200  # Fig. 4a: points tiling [0, 1] (on the zoom windows' images)
+    act_epochs: int = 40  # Figs. 1-3: the maxout / sigmoid / ReLU-with-dropout MLPs (SGD with momentum)
+    act_limit: int | None = None  # ... trained and swept on the first N training samples
+    walk_dims: tuple[int, ...] = (2, 10, 100, 1000, 10_000)  # App. B, Fig. 11: random walks of these dimensions
+    walks: int = 3  # walks per dimension
+    dropout_widths: tuple[int, ...] = (1200, 1200)  # hidden widths of the ReLU-with-dropout MLP
 
 
 QUICK = Plan(epochs=25, checkpoints=40, line="-0.5:1.5:81", zoom=100, pair="-0.25:1.25:61", deep_depth=8,
-             deep_width=32, deep_epochs=30, deep_lr=0.2, train_limit=5000, test_limit=2000, zoom_limit=5000)
+             deep_width=32, deep_epochs=30, deep_lr=0.2, train_limit=5000, test_limit=2000, zoom_limit=5000,
+             act_epochs=30, walk_dims=(2, 10, 100, 1000, 10_000), dropout_widths=(300, 100))
 FULL = Plan(epochs=10, checkpoints=100, line="-0.5:1.5:81", zoom=200, pair="-0.25:1.25:61", deep_depth=8,
-            deep_width=32, deep_epochs=5, deep_lr=0.1, zoom_limit=10_000)
+            deep_width=32, deep_epochs=5, deep_lr=0.1, zoom_limit=10_000, act_epochs=60, act_limit=5000,
+            walk_dims=(2, 10, 100, 1000, 10_000, 100_000))
 
 BATCH = 128
 LABELS = {"init-final": ["init", "final"], "zoom-init": ["init", "final"], "zoom-final": ["init", "final"],
@@ -108,6 +124,24 @@ LABELS = {"init-final": ["init", "final"], "zoom-init": ["init", "final"], "zoom
           "deep-linear-wide": ["deep linear init", "deep linear final"]}
 DEEP_WIDE = "-3:4:29"  # the deep linear net's line far past both ends, where the top-degree term of the loss shows
 RANDOM_POINT_SEED = 10_000  # the "random point": a fresh draw of the initialization, seeds 0 and 1 being A and B
+# A "random point with large norm" (Fig. 10 right; Fig. 5 right says only "a random point in space"): i.i.d. Gaussian
+# entries, seed RANDOM_POINT_SEED + 1, the whole vector scaled to LARGE_NORM x ||theta_final||.
+LARGE_NORM = 10.0
+# Figs. 1-3: the paper's MLPs (maxout; ReLU with dropout; sigmoid) as ``mlp`` options (300-100 hidden units by
+# default; the dropout net as wide as Plan.dropout_widths, so that it fits its training set in spite of the dropout)
+# and their SGD-with-momentum learning rates (sigmoid units learn slowly at the others' rate)
+ACTIVATIONS = {"maxout": "activation='maxout',pieces=5", "relu+dropout": "dropout=0.5",
+               "sigmoid": "activation='sigmoid'"}
+ACT_LR = {"maxout": 0.01, "relu+dropout": 0.01, "sigmoid": 0.1}
+ACT_SOURCES = {"maxout": "§3, Fig. 1 (left), Fig. 3", "relu+dropout": "§3, Fig. 2 (right), Fig. 3",
+               "sigmoid": "§3, Fig. 2 (left), Fig. 3"}
+# §5's scalar model y = w1 w2 x (Figs. 9-10): a small random initialization (N(0, SMALL^2) per weight, seed 0) and
+# its gradient-descent solution; two solutions from |N(0, SCALAR_PAIR^2)| initializations (seeds 1 and 2, both
+# weights positive, so on the same branch w1 w2 = 1); a random point of norm SCALAR_LARGE (direction seed 3) -> the
+# first solution, and SCALAR_DIRECTIONS more directions (seeds 1000, 1001, ...) to say how typical that line is.
+SCALAR_SMALL, SCALAR_PAIR, SCALAR_LARGE, SCALAR_DIRECTIONS = 0.1, 3.0, 10.0, 100
+SCALAR_LINE = np.linspace(-0.5, 1.5, 4001)
+WALK_STEPS, WALK_SOLUTION = 1000, 900  # App. B, Fig. 11: 1,000 unit Gaussian steps, the "solution" at step 900
 
 
 def _mse_onehot(logits, target):
@@ -175,6 +209,103 @@ def _bumps(n: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The scalar deep linear model of §5 (y = w1 w2 x, one example x = 1, y = 1) and App. B's unit-step random walks
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def scalar_linear_loss(w1, w2):
+    """The paper's §5 objective: the squared error of ``y = w1 w2 x`` trained to output 1 at ``x = 1``.
+
+    ``J(w1, w2) = (w1 w2 - 1)^2`` (one example, so the mean squared error is this one term). Broadcasts; float64.
+    """
+    w1, w2 = np.asarray(w1, dtype=np.float64), np.asarray(w2, dtype=np.float64)
+    return (w1 * w2 - 1.0) ** 2
+
+
+def scalar_linear_descend(w0, *, lr: float = 0.05, tol: float = 1e-24, max_steps: int = 1_000_000) -> np.ndarray:
+    """Gradient descent on :func:`scalar_linear_loss` from ``w0 = (w1, w2)`` until the loss is below ``tol``.
+
+    Returns the solution ``(w1, w2)`` (float64). Raises ``RuntimeError`` naming ``w0`` when ``max_steps`` do not
+    get there (e.g. from the saddle point itself, where the gradient is zero).
+    """
+    w = np.array(w0, dtype=np.float64).reshape(2)
+    for _ in range(max_steps):
+        r = w[0] * w[1] - 1.0
+        if r * r < tol:
+            return w
+        w = w - lr * 2.0 * r * w[::-1]
+    raise RuntimeError(f"scalar_linear_descend: no solution from w0 = {tuple(w0)} in {max_steps} steps (loss "
+                       f"{float(scalar_linear_loss(*w)):.3g})")
+
+
+def scalar_linear_line(start, end, alphas) -> np.ndarray:
+    """:func:`scalar_linear_loss` along ``(1 - a) start + a end`` at each ``a`` of ``alphas`` (float64, exact)."""
+    a = np.asarray(alphas, dtype=np.float64)[:, None]
+    w = (1.0 - a) * np.asarray(start, dtype=np.float64) + a * np.asarray(end, dtype=np.float64)
+    return scalar_linear_loss(w[:, 0], w[:, 1])
+
+
+def interior_minima(alphas, values, lo: float = -np.inf, hi: float = np.inf) -> np.ndarray:
+    """The ``alphas`` in ``[lo, hi]`` (ends of the sampled line excluded) where the curve is below both neighbours."""
+    a, v = np.asarray(alphas, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    order = np.argsort(a)
+    a, v = a[order], v[order]
+    inner = np.zeros(v.size, dtype=bool)
+    inner[1:-1] = (v[1:-1] < v[:-2]) & (v[1:-1] < v[2:])
+    return a[inner & (a >= lo - 1e-12) & (a <= hi + 1e-12)]
+
+
+def unit_walk_projection(dim: int, *, steps: int = 1000, solution: int = 900, seed: int = 0,
+                         chunk: int = 1 << 14) -> dict[str, np.ndarray]:
+    """App. B's random walk (Fig. 11): projection onto the start -> "solution" axis and the residual's norm.
+
+    The walk starts at the origin and adds a standard Gaussian vector of ``dim`` coordinates at each of ``steps``
+    steps; step ``solution`` is the "solution" and the walk goes on past it. Coordinates are independent, so the
+    dot products behind the projection and the residual are summed over blocks of ``chunk`` coordinates: memory
+    is ``O(steps x chunk)`` whatever ``dim``.
+
+    Returns
+    -------
+    dict
+        ``projection`` and ``residual``, shape ``(steps + 1,)`` (step 0 included), and ``line_length`` =
+        ``||x_solution||``; all float64.
+    """
+    if not 0 < solution <= steps:
+        raise ValueError(f"unit_walk_projection: solution={solution} must lie in [1, steps={steps}]")
+    if dim < 1:
+        raise ValueError(f"unit_walk_projection: dim={dim} must be at least 1")
+    rng = np.random.default_rng(seed)
+    dot = np.zeros(steps + 1)  # <x_t, x_solution>
+    sq = np.zeros(steps + 1)  # ||x_t||^2
+    for lo in range(0, dim, chunk):
+        x = np.cumsum(rng.standard_normal((steps, min(chunk, dim - lo))), axis=0)
+        dot[1:] += x @ x[solution - 1]
+        sq[1:] += np.einsum("ij,ij->i", x, x)
+    length = math.sqrt(sq[solution])
+    proj = dot / length
+    return {"projection": proj, "residual": np.sqrt(np.maximum(sq - proj**2, 0.0)), "line_length": length}
+
+
+def walk_limit_shape(steps: int = 1000, solution: int = 900) -> tuple[np.ndarray, np.ndarray]:
+    """The shape :func:`unit_walk_projection` tends to as ``dim`` grows, in units of ``||x_solution||``.
+
+    ``||x_t||^2 / dim -> t`` and ``<x_t, x_s> / dim -> min(t, s)``, so with ``u = t / s`` the projection tends to
+    ``min(u, 1)`` and the residual to ``sqrt(u (1 - u))`` up to the solution (a half circle on the line) and
+    ``sqrt(u - 1)`` after it.
+    """
+    u = np.arange(steps + 1, dtype=np.float64) / solution
+    return np.minimum(u, 1.0), np.sqrt(np.where(u <= 1.0, u * (1.0 - u), u - 1.0))
+
+
+def walk_shape_distance(walk: dict, steps: int = 1000, solution: int = 900) -> float:
+    """Largest distance, over the walk's steps, between its (projection, residual) in units of ``||x_solution||``
+    and :func:`walk_limit_shape` at the same step."""
+    p0, r0 = walk_limit_shape(steps, solution)
+    n = walk["line_length"]
+    return float(np.max(np.hypot(np.asarray(walk["projection"]) / n - p0, np.asarray(walk["residual"]) / n - r0)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -223,7 +354,8 @@ def run(ctx: Context) -> None:
     n_train = int(train_eval.num_samples)
 
     # -- train ---------------------------------------------------------------------------------------------------
-    with ctx.stage("train", total=2) as bar, threads(1):
+    act_eval = ctx.data("train", limit=plan.act_limit)
+    with ctx.stage("train", total=2 + len(ACTIVATIONS)) as bar, threads(1):
         mlp_run = ctx.train(model=s.model, dataset=s.dataset, limit=plan.train_limit, optimizer="sgd", lr=0.1,
                             batch_size=BATCH, steps=f"{plan.epochs}ep", replicates=2,
                             checkpoints=_checkpoint_list(n_train, plan))
@@ -235,6 +367,13 @@ def run(ctx: Context) -> None:
                              limit=plan.train_limit, loss="mse", optimizer="sgdm", lr=plan.deep_lr, batch_size=BATCH,
                              steps=f"{plan.deep_epochs}ep", checkpoints="none", evaluate="none")
         bar.update()
+        act_runs = {}
+        for act in ACTIVATIONS:  # Figs. 1-3: SGD with momentum 0.9 (§2: "usually with momentum")
+            act_runs[act] = ctx.train(model="mlp", model_options=_act_options(act, plan), dataset=s.dataset,
+                                      limit=plan.act_limit,
+                                      optimizer="sgdm", lr=ACT_LR[act], batch_size=BATCH,
+                                      steps=f"{plan.act_epochs}ep", checkpoints="none", evaluate="none")
+            bar.update()
 
     ck = [list_checkpoints(mlp_run, r) for r in (0, 1)]
     init0, final0, final1 = ck[0][0], ck[0][max(ck[0])], ck[1][max(ck[1])]
@@ -243,6 +382,11 @@ def run(ctx: Context) -> None:
     deep_ck = list_checkpoints(deep_run)
     deep_model = load_model(deep_run).to(s.device)
     ppp = dict(points_per_pass=25)  # bounds activation memory (K x batch x 300 floats per layer)
+    large_point = _large_norm_point(final0)
+    act = {}
+    for name, run_dir in act_runs.items():
+        c = list_checkpoints(run_dir)
+        act[name] = (load_model(run_dir).to(s.device), (c[0], c[max(c)]))
 
     # -- sweep ---------------------------------------------------------------------------------------------------
     sweeps = {
@@ -254,6 +398,9 @@ def run(ctx: Context) -> None:
         "A-B@test": (model, (final0, final1), plan.pair, test_eval, ppp),
         "random-final@train": (model, (random_point, final0), plan.pair, train_eval, ppp),
         "random-final@test": (model, (random_point, final0), plan.pair, test_eval, ppp),
+        "tile@train": (model, (init0, final0), np.linspace(0.0, 1.0, plan.tile), zoom_eval, ppp),
+        "large-random-final@train": (model, (large_point, final0), plan.pair, train_eval, ppp),
+        **{f"act-{name}@train": (net, ends, plan.line, act_eval, ppp) for name, (net, ends) in act.items()},
         "deep-linear@train": (deep_model, (deep_ck[0], deep_ck[max(deep_ck)]), "-0.5:1.5:81", train_eval,
                               dict(loss_fn=_mse_onehot, precision="fp64")),
         "deep-linear-wide@train": (deep_model, (deep_ck[0], deep_ck[max(deep_ck)]), DEEP_WIDE, train_eval,
@@ -262,7 +409,8 @@ def run(ctx: Context) -> None:
     res = {}
     with ctx.stage("sweep", total=len(sweeps)) as bar:
         for name, (net, ends, alphas, data, kw) in sweeps.items():
-            res[name] = ctx.sweep(name, net, ends, alphas, data, labels=LABELS[name.split("@")[0]], **kw)
+            key = name.split("@")[0]
+            res[name] = ctx.sweep(name, net, ends, alphas, data, labels=LABELS.get(key, ["init", "final"]), **kw)
             bar.update()
 
     # -- trajectory (appendix B) -----------------------------------------------------------------------------------
@@ -272,14 +420,24 @@ def run(ctx: Context) -> None:
             traj.append(_trajectory_cached(ctx, mlp_run, ck[r], seed=r))
             bar.update()
 
+    with ctx.stage("random walks", total=len(plan.walk_dims)) as bar:  # App. B, Fig. 11
+        walks = {}
+        for d in plan.walk_dims:
+            walks[d] = [unit_walk_projection(d, steps=WALK_STEPS, solution=WALK_SOLUTION, seed=i)
+                        for i in range(plan.walks)]
+            bar.update()
+    scalar = _scalar_lines()  # §5, Figs. 9-10: analytic, float64
+
     with ctx.stage("claims and figures"):
         _claims_mlp(ctx, res)
         _claims_trajectory(ctx, traj)
         _claims_deep_linear(ctx, res["deep-linear@train"], res["deep-linear-wide@train"], res["init-final@train"],
                             plan)
+        _claims_new(ctx, res, scalar, walks, plan)
         _facts(ctx, res, plan, n_train, int(test_eval.num_samples))
         if ctx.is_writer:
             _figures(ctx, res, traj, plan)
+            _figures_new(ctx, res, traj, scalar, walks, plan)
 
 
 def _trajectory_cached(ctx: Context, run_dir, ckpts: dict, seed: int) -> dict:
@@ -374,7 +532,7 @@ def _claims_mlp(ctx: Context, res: dict) -> None:
               mono_i.monotonic and mono_f.monotonic,
               note=f"no structure: monotone at the same tolerance; train loss on the first {n_img} training images; "
                    "the paper: 200 values each, ReLU network without dropout (ours has none); Fig. 4a's 200 values "
-                   "on [0, 1] are not run (41 of the 81-point line lie in [0, 1])",
+                   "on [0, 1]: a row of its own",
               init_max_rise=mono_i.max_rise, init_drop=drop_i, final_max_rise=mono_f.max_rise, final_drop=drop_f,
               bumps=mono_i.n_bumps + mono_f.n_bumps)
     # 4: two solutions from different seeds: each is a local minimum of the line between them (Fig. 5 left)
@@ -498,7 +656,7 @@ def _claims_deep_linear(ctx: Context, r, wide, mlp, plan: Plan) -> None:
               note=f"the paper's model is the scalar y = w1 w2 x; ours depth {d}, width {plan.deep_width}, squared "
                    "loss on one-hot targets, PyTorch's default initialization (each layer shrinks its input about "
                    "sqrt(3)-fold, so the initial map is small); flattening: less than half the drop by alpha = 0.5; "
-                   "one minimum: monotone on [0, 1]; Fig. 10 (two solutions, a large-norm random point) is not run",
+                   "one minimum: monotone on [0, 1]; the paper's own scalar model and Fig. 10: the rows below",
               **shape, max_rise=mono.max_rise)
     fit = polynomial_residuals(wide.alphas, wide.loss, (2 * d - 2, 2 * d - 1, 2 * d))
     narrow = polynomial_residuals(r.alphas, r.loss, (2 * d - 1, 2 * d))
@@ -640,3 +798,310 @@ def _figures(ctx: Context, res: dict, traj: list, plan: Plan) -> None:
     fig.suptitle(f"deep linear net, depth {d}: init -> final")
     ctx.figure(fig, "deep_linear", f"Deep linear net (depth {d}): the loss along init -> final and polynomial fits "
                                    "(their §5 uses the scalar y = w1 w2 x; the degree is ours)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Figs. 1-5 at the paper's settings, §5's scalar model (Figs. 9-10), App. B's random walks (Fig. 11)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _act_options(name: str, plan: Plan) -> str:
+    """``mlp`` options of one of the Figs. 1-3 networks."""
+    if name == "relu+dropout":
+        return f"widths=({','.join(str(w) for w in plan.dropout_widths)}),{ACTIVATIONS[name]}"
+    return ACTIVATIONS[name]
+
+
+def _large_norm_point(final_path) -> dict:
+    """A random point of large norm: i.i.d. Gaussian entries (seed ``RANDOM_POINT_SEED + 1``) scaled so that the
+    whole vector's norm is ``LARGE_NORM`` x the solution's."""
+    import torch
+
+    final = torch.load(final_path, map_location="cpu", weights_only=True)
+    gen = torch.Generator().manual_seed(RANDOM_POINT_SEED + 1)
+    keys = [k for k, v in final.items() if v.is_floating_point()]
+    draw = {k: torch.randn(final[k].shape, generator=gen, dtype=torch.float64) for k in keys}
+    norm_f = math.sqrt(sum(float(final[k].double().pow(2).sum()) for k in keys))
+    norm_d = math.sqrt(sum(float(v.pow(2).sum()) for v in draw.values()))
+    point = {k: v.clone() for k, v in final.items()}
+    for k in keys:
+        point[k] = (draw[k] * (LARGE_NORM * norm_f / norm_d)).to(final[k].dtype)
+    return point
+
+
+def _scalar_lines() -> dict:
+    """§5's ``y = w1 w2 x``: the three lines of Figs. 9-10 (float64, exact), with their end points."""
+    rng = np.random.default_rng(0)
+    small = rng.normal(0.0, SCALAR_SMALL, 2)
+    sol = scalar_linear_descend(small)
+    a_init = np.abs(np.random.default_rng(1).normal(0.0, SCALAR_PAIR, 2))
+    b_init = np.abs(np.random.default_rng(2).normal(0.0, SCALAR_PAIR, 2))
+    sol_a, sol_b = scalar_linear_descend(a_init), scalar_linear_descend(b_init)
+    angle = np.random.default_rng(3).uniform(0.0, 2 * np.pi)
+    far = SCALAR_LARGE * np.array([np.cos(angle), np.sin(angle)])
+    a = SCALAR_LINE
+    # how typical the one large-norm line is: other minima on [0, 1) over more random directions, split into global
+    # ones (the line crosses the other branch of w1 w2 = 1: loss below 1e-3) and others
+    crossing = other = 0
+    for k in range(SCALAR_DIRECTIONS):
+        t = np.random.default_rng(1000 + k).uniform(0.0, 2 * np.pi)
+        line = scalar_linear_line(SCALAR_LARGE * np.array([np.cos(t), np.sin(t)]), sol, a)
+        found = interior_minima(a, line, 0.0, 1.0 - 1e-9)
+        low = [float(line[np.argmin(np.abs(a - x))]) < 1e-3 for x in found]
+        crossing += any(low)
+        other += not all(low)
+    return {"alphas": a, "directions": {"crossing": crossing, "other": other, "n": SCALAR_DIRECTIONS},
+            "small": {"start": small, "end": sol, "loss": scalar_linear_line(small, sol, a)},
+            "pair": {"start": sol_a, "end": sol_b, "loss": scalar_linear_line(sol_a, sol_b, a),
+                     "inits": (a_init, b_init)},
+            "far": {"start": far, "end": sol, "loss": scalar_linear_line(far, sol, a)}}
+
+
+def _claims_new(ctx: Context, res: dict, scalar: dict, walks: dict, plan: Plan) -> None:
+    from lerpfast.analysis import convexity_violation
+
+    # Fig. 4a/4b: 200 values tiling [0, 1]
+    r = res["tile@train"]
+    mono, drop = _monotone(r)
+    n_img = r.meta.get("data", {}).get("num_samples", "?")
+    ctx.claim("tiling [0, 1] with 200 values of alpha: \"increased resolution did not expose any small, difficult "
+              "structures\"", "§3, Fig. 4a/4b",
+              f"{len(r.alphas)} points in [0, 1]: largest rise {fmt(mono.max_rise)} over a drop of {fmt(drop)} "
+              f"({_bumps(mono.n_bumps)})",
+              mono.monotonic,
+              note=f"no structure: monotone at {TOL['monotone']:g} x the drop; train loss on the first {n_img} "
+                   "training images; the paper's Fig. 4 network: ReLU without dropout (as ours)",
+              max_rise=mono.max_rise, drop=drop, bumps=mono.n_bumps)
+    # Fig. 5 right with a random point of large norm (Fig. 10 right's wording)
+    r = res["large-random-final@train"]
+    mono, drop = _monotone(r)
+    found = interior_minima(r.alphas, r.loss, 0.0, 1.0 - 1e-9)
+    ctx.claim("from a random point of large norm to an SGD solution: \"no local minima besides the SGD solution\"",
+              "§3, Fig. 5 (right); §5, Fig. 10 (right)",
+              f"train: {len(found)} local minima on [0, 1); loss {fmt(_at(r, 0.0))} at the random point, "
+              f"{fmt(_at(r, 1.0))} at the solution; largest rise on [0, 1] {fmt(mono.max_rise)}",
+              len(found) == 0,
+              note=f"random point: i.i.d. Gaussian entries scaled to {LARGE_NORM:g} x ||theta_final|| (Fig. 5 says "
+                   "\"a random point in space\", Fig. 10 right \"a random point with large norm\"); local minimum: "
+                   "below both neighbouring points",
+              local_minima=len(found), max_rise=mono.max_rise, drop=drop, start_loss=_at(r, 0.0))
+    # Figs. 1-3: maxout, ReLU with dropout, sigmoid
+    for name in ACTIVATIONS:
+        r = res[f"act-{name}@train"]
+        mono, drop = _monotone(r)
+        err = _at(r, 1.0, "error")
+        a, m = _inside(r)
+        viol = convexity_violation(a, m["loss"])
+        ctx.claim(f"{name} MLP, init -> final: the 1-D subspace \"contains no difficult, exotic structures\"",
+                  ACT_SOURCES[name],
+                  f"train error at the solution {100 * err:.2f} %; largest rise on [0, 1] {fmt(mono.max_rise)} over "
+                  f"a drop of {fmt(drop)} ({_bumps(mono.n_bumps)}); gap above the convex hull "
+                  f"{fmt(viol / drop, 3)} of the drop",
+                  mono.monotonic,
+                  note=f"no exotic structure: monotone at {TOL['monotone']:g} x the drop on [0, 1]; mlp "
+                       f"({_act_options(name, plan)}), SGD with momentum 0.9, lr {ACT_LR[name]:g}, "
+                       f"{plan.act_epochs} epochs "
+                       "(the paper: pylearn2's configurations, App. A)",
+                  max_rise=mono.max_rise, drop=drop, bumps=mono.n_bumps, train_error=err, convexity=viol / drop)
+    r = res["act-maxout@train"]
+    a, m = _inside(r)
+    shape = line_shape(a, m["loss"])
+    late = a >= 0.1
+    viol = convexity_violation(a[late], m["loss"][late]) / shape["drop"]
+    ctx.claim("maxout: \"Apart from the flattening near alpha = 0, it appears nearly convex in this subspace\"",
+              "Fig. 1",
+              f"slope at alpha = 0 / mean slope {fmt(shape['slope0'], 3)}; gap above the convex hull on [0.1, 1] "
+              f"{fmt(viol, 3)} of the drop",
+              shape["slope0"] < 0.5 and viol <= TOL["convex"],
+              note=f"flattening: the slope at alpha = 0 (cubic fit on [0, 0.1]) under half the mean slope; nearly "
+                   f"convex: gap <= {TOL['convex']:g} x the drop on [0.1, 1]",
+              slope0=shape["slope0"], convexity=viol, frac25=shape["frac25"])
+
+    # §5, Figs. 9-10: y = w1 w2 x
+    a = scalar["alphas"]
+    sm = scalar["small"]
+    shape = line_shape(a, sm["loss"])
+    minima = interior_minima(a, sm["loss"])
+    ctx.claim("y = w1 w2 x, small random initialization -> solution: \"a flattening of the objective function near "
+              "the saddle point at the origin, and only one minimum within this 1-D subspace\"", "§5, Fig. 9",
+              f"fraction of the drop done by alpha = 0.5: {fmt(shape['frac50'], 3)} (straight fall: 0.5); slope at "
+              f"alpha = 0 / mean slope {fmt(shape['slope0'], 3)}; local minima on [-0.5, 1.5]: "
+              f"{', '.join(f'alpha = {x:.3f}' for x in minima) or 'none'}",
+              shape["frac50"] < TOL["flat"] and len(minima) == 1,
+              note=f"init N(0, {SCALAR_SMALL:g}^2) per weight (seed 0) = ({sm['start'][0]:.3f}, {sm['start'][1]:.3f}), "
+                   f"gradient descent to ({sm['end'][0]:.3f}, {sm['end'][1]:.3f}); the loss (w1 w2 - 1)^2, exact in "
+                   f"float64 at {len(a)} points; flattening: less than half the drop by alpha = 0.5; one minimum: "
+                   "one local minimum on the plotted [-0.5, 1.5] (the loss is a quartic in alpha: its second zero, "
+                   "if any, lies outside)",
+              **shape, minima=len(minima))
+    pr = scalar["pair"]
+    inside = (a >= 0) & (a <= 1)
+    top = float(np.max(pr["loss"][inside]))
+    at = float(a[inside][int(np.argmax(pr["loss"][inside]))])
+    ends = max(float(pr["loss"][np.argmin(np.abs(a))]), float(pr["loss"][np.argmin(np.abs(a - 1))]))
+    ctx.claim("y = w1 w2 x, two solutions: \"the straight line between them encounters a barrier of higher cost\"",
+              "§5, Fig. 10 (left)",
+              f"highest loss on [0, 1] {fmt(top)} at alpha = {at:.3f}; at the solutions {fmt(ends, 2)}",
+              top - ends > 1e-9,
+              note=f"solutions ({pr['start'][0]:.3f}, {pr['start'][1]:.3f}) and ({pr['end'][0]:.3f}, "
+                   f"{pr['end'][1]:.3f}), by gradient descent from |N(0, {SCALAR_PAIR:g}^2)| draws (seeds 1, 2; "
+                   "the same branch w1 w2 = 1, w1, w2 > 0); barrier: any rise above the solutions' loss beyond "
+                   "float64 rounding (1e-9)",
+              barrier=top - ends, alpha=at)
+    fa, dirs = scalar["far"], scalar["directions"]
+    found = interior_minima(a, fa["loss"], 0.0, 1.0 - 1e-9)
+    where = ", ".join(f"alpha = {x:.3f} (loss {fmt(float(fa['loss'][np.argmin(np.abs(a - x))]), 2)})" for x in found)
+    ctx.claim("y = w1 w2 x, a random point with large norm -> a solution: \"this search does not encounter any "
+              "minima other than the solution used to initialize the search\"", "§5, Fig. 10 (right)",
+              f"local minima on [0, 1): {len(found)}{': ' + where if where else ''}; over {dirs['n']} more random "
+              f"directions: {dirs['crossing']} lines cross the other branch of w1 w2 = 1 (another global minimum), "
+              f"{dirs['other']} meet a minimum that is not global",
+              len(found) == 0,
+              note=f"random point of norm {SCALAR_LARGE:g} (direction seed 3) = ({fa['start'][0]:.2f}, "
+                   f"{fa['start'][1]:.2f}) -> the Fig. 9 solution; local minimum: below both neighbouring points",
+              local_minima=len(found), crossing=dirs["crossing"], other=dirs["other"])
+
+    # App. B, Fig. 11: unit-step random walks converge to one shape as the dimension grows
+    dev = {d: float(np.mean([walk_shape_distance(w, WALK_STEPS, WALK_SOLUTION) for w in ws]))
+           for d, ws in walks.items()}
+    dims = sorted(dev)
+    falling = all(dev[b] < dev[a] for a, b in zip(dims, dims[1:]))
+    ctx.claim("random walks: the projection-residual plot \"converges to a simple geometric shape as the "
+              "dimensionality of a random walk increases\"", "App. B, Fig. 11",
+              "largest distance from the limit shape (units of the solution's norm), mean of "
+              f"{plan.walks} walks: " + ", ".join(f"{fmt(dev[d], 3)} (d = {d:,})" for d in dims),
+              falling and dev[dims[-1]] < 0.05,
+              note=f"{WALK_STEPS} steps of a unit Gaussian, the \"solution\" at step {WALK_SOLUTION}; the limit: "
+                   "projection min(t/900, 1), residual sqrt(u (1 - u)) before and sqrt(u - 1) after it (u = t/900); "
+                   "converges: the distance falls at every larger dimension and ends below 0.05",
+              **{f"d{d}": dev[d] for d in dims})
+    ctx.facts["walk_distance"] = {str(d): dev[d] for d in dims}
+
+
+def _figures_new(ctx: Context, res: dict, traj: list, scalar: dict, walks: dict, plan: Plan) -> None:
+    from matplotlib.figure import Figure
+
+    # Fig. 4a / 4b
+    r = res["tile@train"]
+    fig = Figure(figsize=(8.4, 3.0), layout="constrained")
+    ax0, ax1 = fig.subplots(1, 2)
+    for ax in (ax0, ax1):
+        ax.plot(r.alphas, r.loss, ".-", ms=2, lw=0.8, color="C0")
+        ax.set_xlabel(r"$\alpha$")
+        ax.set_ylabel("train loss")
+        ax.grid(alpha=0.3)
+    ax0.set_title(f"a) {len(r.alphas)} values tiling [0, 1]", fontsize="medium")
+    a, v = np.asarray(r.alphas), np.asarray(r.loss)
+    keep = a >= 0.6
+    ax1.set_xlim(0.6, 1.0)
+    ax1.set_ylim(float(v[keep].min()) * 0.95, float(v[keep].max()) * 1.05)
+    ax1.set_title("b) zoomed in", fontsize="medium")
+    ctx.figure(fig, "tile", "The train loss at 200 values tiling [0, 1] and a zoomed-in view (their Fig. 4a/4b)")
+
+    # Figs. 1-3: the three activations on one log axis, and their error
+    fig = Figure(figsize=(8.4, 3.2), layout="constrained")
+    ax0, ax1 = fig.subplots(1, 2)
+    for i, name in enumerate(ACTIVATIONS):
+        r = res[f"act-{name}@train"]
+        ax0.plot(r.alphas, r.loss, color=f"C{i}", lw=1.3, label=name)
+        ax1.plot(r.alphas, r.error, color=f"C{i}", lw=1.3, label=name)
+    ax0.set_yscale("log")
+    ax0.set_ylabel("train loss")
+    ax1.set_ylabel("train error")
+    for ax in (ax0, ax1):
+        ax.set_xlabel(r"$\alpha$")
+        ax.axvline(0, color="0.7", lw=0.6, zorder=0)
+        ax.axvline(1, color="0.7", lw=0.6, zorder=0)
+        ax.grid(alpha=0.3)
+    ax0.legend(fontsize="small", frameon=False)
+    fig.suptitle(f"{ctx.s.dataset}: init -> final, three MLPs")
+    ctx.figure(fig, "activations", "Maxout, ReLU with dropout and sigmoid MLPs: init -> final on one log axis "
+                                   "(their Fig. 3; Figs. 1-2 show each alone)")
+
+    # Fig. 5 right with a large-norm random point
+    r = res["large-random-final@train"]
+    fig = Figure(figsize=(4.6, 3.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(r.alphas, r.loss, color="C0", lw=1.3)
+    ax.set_yscale("log")
+    ax.set_xlabel(r"$\alpha$")
+    ax.set_ylabel("train loss")
+    ax.axvline(0, color="0.7", lw=0.6, zorder=0)
+    ax.axvline(1, color="0.7", lw=0.6, zorder=0)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"random point ({LARGE_NORM:g} x the solution's norm) -> solution", fontsize="medium")
+    ctx.figure(fig, "large_norm", "From a random point of large norm to a solution (their Fig. 5 right; Fig. 10 "
+                                  "right's large norm)")
+
+    # App. B, Fig. 13: the residual against the parameter norm
+    fig = Figure(figsize=(8.4, 3.2), layout="constrained")
+    axes = fig.subplots(1, len(traj))
+    for seed, (ax, t) in enumerate(zip(np.atleast_1d(axes), traj)):
+        p, res_, nrm = (np.asarray(t["proj"]["projection"]), np.asarray(t["proj"]["residual"]),
+                        np.asarray(t["theta_norm"]))
+        ax.plot(p, res_, color="C0", lw=1.2, label="residual")
+        ax.plot(p, nrm, color="k", lw=1.0, ls="--", label=r"$\|\theta_t\|$")
+        ax.plot(p, nrm / 3, color="C3", lw=0.8, ls=":", label=r"$\|\theta_t\| / 3$")
+        ax.set_xlabel("projection onto init -> final")
+        ax.set_ylabel("L2 norm")
+        ax.set_title(f"seed {seed}: residual / norm at most {np.max(res_ / nrm):.3f}", fontsize="medium")
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].legend(fontsize="small", frameon=False)
+    ctx.figure(fig, "trajectory_norm", "The residual of the trajectory's projection against the norm of the "
+                                       "parameter vector (their App. B, Fig. 13)")
+
+    # §5, Figs. 9-10
+    a = scalar["alphas"]
+    fig = Figure(figsize=(8.4, 6.4), layout="constrained")
+    (ax, ax9), (ax10l, ax10r) = fig.subplots(2, 2)
+    ends = np.array([scalar[k][e] for k in ("small", "pair", "far") for e in ("start", "end")])
+    lo, hi = min(-2.0, float(ends.min()) - 0.5), max(2.0, float(ends.max()) + 0.5)
+    g = np.linspace(lo, hi, 301)
+    w1, w2 = np.meshgrid(g, g)
+    cs = ax.contourf(w1, w2, np.log10(scalar_linear_loss(w1, w2) + 1e-3), levels=20, cmap="viridis")
+    fig.colorbar(cs, ax=ax, label=r"$\log_{10}(J + 10^{-3})$")
+    for key, color, label in (("small", "C1", "Fig. 9"), ("pair", "C3", "Fig. 10 left"), ("far", "w", "Fig. 10 right")):
+        st, en = scalar[key]["start"], scalar[key]["end"]
+        ax.plot([st[0], en[0]], [st[1], en[1]], color=color, lw=1.5, label=label)
+        ax.plot(*st, "o", color=color, ms=3)
+        ax.plot(*en, "s", color=color, ms=3)
+    ax.plot(0, 0, "x", color="w", ms=6)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("$w_1$")
+    ax.set_ylabel("$w_2$")
+    ax.set_title(r"$J = (w_1 w_2 - 1)^2$", fontsize="medium")
+    ax.legend(fontsize="x-small", loc="upper left")
+    for axc, key, title in ((ax9, "small", "Fig. 9: small init -> solution"),
+                            (ax10l, "pair", "Fig. 10 left: two solutions"),
+                            (ax10r, "far", "Fig. 10 right: large-norm point -> solution")):
+        axc.plot(a, scalar[key]["loss"], color="C0", lw=1.3)
+        axc.set_xlabel(r"$\alpha$")
+        axc.set_ylabel("J")
+        axc.set_title(title, fontsize="medium")
+        axc.axvline(0, color="0.7", lw=0.6, zorder=0)
+        axc.axvline(1, color="0.7", lw=0.6, zorder=0)
+        axc.grid(alpha=0.3)
+    ax10r.set_yscale("symlog", linthresh=1.0)
+    ax10r.set_ylim(bottom=0)
+    fig.suptitle("deep linear regression y = w1 w2 x (one example, x = y = 1)")
+    ctx.figure(fig, "scalar_linear", "The scalar deep linear model of §5: its loss surface and the three lines of "
+                                     "Figs. 9 and 10")
+
+    # App. B, Fig. 11
+    dims = sorted(walks)
+    fig = Figure(figsize=(2.1 * len(dims), 2.5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(dims), sharey=True))
+    p0, r0 = walk_limit_shape(WALK_STEPS, WALK_SOLUTION)
+    for ax, d in zip(axes, dims):
+        for i, w in enumerate(walks[d]):
+            n = w["line_length"]
+            ax.plot(np.asarray(w["projection"]) / n, np.asarray(w["residual"]) / n, lw=0.7, color=f"C{i}")
+        ax.plot(p0, r0, color="k", lw=0.8, ls="--")
+        ax.set_title(f"d = {d:,}", fontsize="medium")
+        ax.set_xlabel("projection / ||x_900||")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("residual / ||x_900||")
+    ctx.figure(fig, "random_walks", f"Random walks of {WALK_STEPS} unit Gaussian steps, the \"solution\" at step "
+                                    f"{WALK_SOLUTION}, at several dimensions; dashed: the limit shape (their App. B, "
+                                    "Fig. 11)")
