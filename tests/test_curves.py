@@ -12,6 +12,8 @@ curve; bad input names the argument.
 from __future__ import annotations
 
 import copy
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -25,46 +27,16 @@ from lerpfast.checkpoints import CheckpointError, load_checkpoints
 from lerpfast.curves import CurveObjective, curve_point
 from lerpfast.geometry import curve_coefficients
 
+sys.path.insert(0, os.path.dirname(__file__))
+from test_merge_slices import _model as merge_models  # noqa: E402
+
 # ---------------------------------------------------------------------------------------------------------------
 # Models, checkpoints, data
 
 
-class MLP(nn.Module):
-    def __init__(self, d_in=13, classes=7):
-        super().__init__()
-        self.fc1, self.fc2, self.out = nn.Linear(d_in, 29), nn.Linear(29, 17), nn.Linear(17, classes)
-
-    def forward(self, x):
-        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-
-class ConvBN(nn.Module):
-    def __init__(self, classes=5):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-                                      nn.Conv2d(6, 7, 3, stride=2, padding=1), nn.BatchNorm2d(7), nn.ReLU())
-        self.head = nn.Linear(7, classes)
-
-    def forward(self, x):
-        return self.head(self.features(x).mean((2, 3)))
-
-
 def _model(name: str) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    if name == "mlp":
-        model = MLP().eval()
-        x = torch.randn(37, 13, generator=g)
-        y = torch.randint(0, 7, (37,), generator=g)
-    else:
-        model = ConvBN().eval()
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.3, generator=g)
-                m.running_var.uniform_(0.5, 1.5, generator=g)
-        x = torch.randn(23, 3, 7, 5, generator=g)
-        y = torch.randint(0, 5, (23,), generator=g)
-    return model, (x, y)
+    """tests/test_merge_slices.py's MLP and conv net with batch norm, at odd widths and sizes."""
+    return merge_models(name, rows=37, d_in=13, classes=7, hidden=(29, 17), images=23, width=7, size=(7, 5))
 
 
 def _three(model: nn.Module, seed: int = 10, scale: float = 0.3) -> list[dict[str, torch.Tensor]]:

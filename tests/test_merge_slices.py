@@ -36,40 +36,44 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 class MLP(nn.Module):
-    def __init__(self, d_in=12, classes=6):
+    def __init__(self, d_in=12, classes=6, hidden=(24, 24)):
         super().__init__()
-        self.fc1, self.fc2, self.out = nn.Linear(d_in, 24), nn.Linear(24, 24), nn.Linear(24, classes)
+        self.fc1, self.fc2 = nn.Linear(d_in, hidden[0]), nn.Linear(hidden[0], hidden[1])
+        self.out = nn.Linear(hidden[1], classes)
 
     def forward(self, x):
         return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
 class ConvBN(nn.Module):
-    def __init__(self, classes=5):
+    def __init__(self, classes=5, width=8):
         super().__init__()
         self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-                                      nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.head = nn.Linear(8, classes)
+                                      nn.Conv2d(6, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.head = nn.Linear(width, classes)
 
     def forward(self, x):
         return self.head(self.features(x).mean((2, 3)))
 
 
-def _model(name: str) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+def _model(name: str, *, rows=40, d_in=12, classes=6, hidden=(24, 24), images=24, width=8,
+           size=(6, 6)) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """A small MLP ("mlp") or conv net with batch norm (anything else) in eval mode, and random data for it
+    (tests/test_curves.py takes other, odd, sizes)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     if name == "mlp":
-        model = MLP().eval()
-        x = torch.randn(40, 12, generator=g)
-        y = torch.randint(0, 6, (40,), generator=g)
+        model = MLP(d_in, classes, hidden).eval()
+        x = torch.randn(rows, d_in, generator=g)
+        y = torch.randint(0, classes, (rows,), generator=g)
     else:
-        model = ConvBN().eval()
+        model = ConvBN(width=width).eval()
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):  # statistics that are not the identity
                 m.running_mean.normal_(0, 0.3, generator=g)
                 m.running_var.uniform_(0.5, 1.5, generator=g)
-        x = torch.randn(24, 3, 6, 6, generator=g)
-        y = torch.randint(0, 5, (24,), generator=g)
+        x = torch.randn(images, 3, *size, generator=g)
+        y = torch.randint(0, 5, (images,), generator=g)
     return model, (x, y)
 
 
