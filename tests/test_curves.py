@@ -28,6 +28,7 @@ from lerpfast.curves import CurveObjective, curve_point
 from lerpfast.geometry import curve_coefficients
 
 sys.path.insert(0, os.path.dirname(__file__))
+from test_merge_slices import _f64, _oracle, _perturbed  # noqa: E402
 from test_merge_slices import _model as merge_models  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -41,37 +42,7 @@ def _model(name: str) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
 
 def _three(model: nn.Module, seed: int = 10, scale: float = 0.3) -> list[dict[str, torch.Tensor]]:
     """theta_a, theta_bend, theta_b: every floating tensor moved; running variances kept positive."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(3):
-        sd = {}
-        for k, v in model.state_dict().items():
-            if not v.is_floating_point():
-                sd[k] = v.clone()
-            elif k.endswith("running_var"):
-                sd[k] = v * (1 + 0.3 * torch.rand(v.shape, generator=g))
-            else:
-                sd[k] = v + scale * torch.randn(v.shape, generator=g)
-        out.append(sd)
-    return out
-
-
-def _f64(sd: dict) -> dict:
-    return {k: (v.double() if v.is_floating_point() else v) for k, v in sd.items()}
-
-
-def _oracle(model: nn.Module, states: list[dict[str, torch.Tensor]], data) -> tuple[np.ndarray, np.ndarray]:
-    """(loss, error) of each state dict: float64 copy of the model, float64 data, cross-entropy mean."""
-    net = copy.deepcopy(model).double().eval()
-    x, y = data
-    loss, err = [], []
-    with torch.no_grad():
-        for sd in states:
-            net.load_state_dict(sd)
-            z = net(x.double())
-            loss.append(float(F.cross_entropy(z, y)))
-            err.append(float((z.argmax(1) != y).double().mean()))
-    return np.asarray(loss), np.asarray(err)
+    return _perturbed(model, 3, seed, scale, var_step=0.3)
 
 
 # odd t's, both halves, the switch points of the anchored forms, and (MLP only) extrapolation

@@ -77,9 +77,10 @@ def _model(name: str, *, rows=40, d_in=12, classes=6, hidden=(24, 24), images=24
     return model, (x, y)
 
 
-def _perturbed(model: nn.Module, n: int, seed: int = 10, scale: float = 0.1) -> list[dict[str, torch.Tensor]]:
-    """n fine-tuned stand-ins: every floating tensor moved; running variances scaled by at most 2 % so that every
-    combination these tests form keeps them positive."""
+def _perturbed(model: nn.Module, n: int, seed: int = 10, scale: float = 0.1,
+               var_step: float = 0.02) -> list[dict[str, torch.Tensor]]:
+    """n fine-tuned stand-ins: every floating tensor moved; running variances scaled by at most ``var_step`` (2 %)
+    so that every combination these tests form keeps them positive."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
@@ -88,7 +89,7 @@ def _perturbed(model: nn.Module, n: int, seed: int = 10, scale: float = 0.1) -> 
             if not v.is_floating_point():
                 sd[k] = v.clone()
             elif k.endswith("running_var"):
-                sd[k] = v * (1 + 0.02 * torch.rand(v.shape, generator=g))
+                sd[k] = v * (1 + var_step * torch.rand(v.shape, generator=g))
             else:
                 sd[k] = v + scale * torch.randn(v.shape, generator=g)
         out.append(sd)
