@@ -89,11 +89,14 @@ def clear_caches() -> None:
     """Forget the cached fingerprints of data and checkpoints and the cached engines. Each is checked against what it
     was made from on every use; this frees them, or forces a rebuild after a change lerpfast cannot see (a tensor
     written through numpy or ``.data`` at none of the probed elements, a model's global helper function redefined).
-    Also forgets the fallback's vmap-or-loop choices (:func:`lerpfast.engine.fallback.choices`)."""
+    Also forgets the fallback's vmap-or-loop choices (:func:`lerpfast.engine.fallback.choices`) and the alignments
+    of ``Line(align=...)``."""
     from lerpfast.checkpoints import clear_digest_cache
     from lerpfast.engine.fallback import clear_choices
     from lerpfast.engine.model import clear_engine_cache
+    from lerpfast.geometry import clear_alignment_cache
 
+    clear_alignment_cache()
     clear_choices()
     _DATA_DIGESTS.clear()
     clear_digest_cache()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -232,9 +233,8 @@ class Line(Slice):
     def resolve(self, states, model, dtype) -> AffineSlice:
         info = None
         if self.align is not None:
-            from lerpfast.align import align
-
-            self.alignment = align(model, states[0], states[1], self.align, **self.align_options)
+            self.alignment = _cached_alignment(model, states, self.align, self.align_options,
+                                               self.describe()["align"])
             # the aligned endpoint is theta_b from here on (the caller's list: bn="endpoint:1" reads it)
             states[1] = self.alignment.state_dict
             info = {"align": self.alignment.summary()}
@@ -244,6 +244,37 @@ class Line(Slice):
         coefs = torch.where(upper, t - 1, t)
         return _build(self.kind, [a, b], [_sub(b, a)], upper.long(), coefs[:, None], self.alphas[:, None],
                       ("alpha",), dtype, info=info)
+
+
+# Alignments already computed, by (model structure, the two endpoints' sha256, method and options): a re-run of a sweep
+# (resume, another data set, another alpha grid) does not align again (ResNet-50: a minute). Digests are cached
+# per tensor (lerpfast.checkpoints), so a hit costs no hashing either. lerpfast.clear_caches() empties it.
+_ALIGNMENTS: OrderedDict = OrderedDict()
+_ALIGNMENTS_SIZE = 4
+
+
+def _cached_alignment(model: nn.Module, states: list[dict], method: str, options: dict, described: dict):
+    import json
+
+    from lerpfast.align import align
+    from lerpfast.checkpoints import describe
+    from lerpfast.engine.model import structure_key
+
+    key = (structure_key(model), describe(states[0])["sha256"], describe(states[1])["sha256"],
+           json.dumps(described, sort_keys=True, default=str))
+    hit = _ALIGNMENTS.get(key)
+    if hit is None:
+        hit = align(model, states[0], states[1], method, **options)
+        _ALIGNMENTS[key] = hit
+        while len(_ALIGNMENTS) > _ALIGNMENTS_SIZE:
+            _ALIGNMENTS.popitem(last=False)
+    _ALIGNMENTS.move_to_end(key)
+    return hit
+
+
+def clear_alignment_cache() -> None:
+    """Forget the alignments :class:`Line` computed (``align=``)."""
+    _ALIGNMENTS.clear()
 
 
 class Bilinear(Slice):

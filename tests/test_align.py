@@ -373,3 +373,33 @@ def test_every_zoo_model_aligns_without_a_spec(name):
     got, ref = _logits(model, res.state_dict, x), _logits(model, b, x)
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert res.perms and len(res.frozen) == 1  # only the logits' group
+
+
+def test_line_alignments_are_cached(monkeypatch):
+    """A second sweep of the same aligned line (a resume, another alpha grid) reuses the alignment; other endpoint
+    values, another method and clear_caches() align again."""
+    import lerpfast.align as align_mod
+
+    torch.manual_seed(0)
+    model = models.create("mlp", 10, (1, 8, 8), widths=(16,)).eval()
+    a = {k: v.clone() for k, v in model.state_dict().items()}
+    b = {k: v + 0.3 * torch.randn_like(v) for k, v in a.items()}
+    data = (torch.randn(9, 1, 8, 8), torch.randint(0, 10, (9,)))
+    calls = []
+    real = align_mod.align
+
+    def counting(*args, **kw):
+        calls.append(kw.get("method", args[3] if len(args) > 3 else None))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(align_mod, "align", counting)
+    lerpfast.clear_caches()
+    first = lerpfast.sweep(model, lerpfast.Line(a, b, align="weights"), "0:1:5", data)
+    second = lerpfast.sweep(model, lerpfast.Line(a, b, align="weights"), "0:1:9", data)
+    assert len(calls) == 1 and second.loss[0] == first.loss[0] and second.loss[-1] == first.loss[-1]
+    b2 = {k: v + 0.01 for k, v in b.items()}
+    lerpfast.sweep(model, lerpfast.Line(a, b2, align="weights"), "0:1:5", data)
+    assert len(calls) == 2
+    lerpfast.clear_caches()
+    lerpfast.sweep(model, lerpfast.Line(a, b, align="weights"), "0:1:5", data)
+    assert len(calls) == 3
