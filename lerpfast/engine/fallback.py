@@ -28,7 +28,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lerpfast.engine.layers import MultiPointLayer, check_calibration, stand_in
+from lerpfast.engine.layers import MultiPointLayer, check_calibration
 
 __all__ = ["FallbackModule", "register_batch_axes", "choices", "clear_choices"]
 
@@ -106,6 +106,7 @@ def _rules(module: nn.Module):
 
 class FallbackModule(MultiPointLayer):
     path = "fallback"
+    reads_through = "inner"  # configuration (batch_first, num_heads, ...) reads through to the wrapped module
 
     def __init__(self, ctx, name, tensors, source: nn.Module):
         super().__init__(ctx, name, tensors, source)
@@ -113,17 +114,6 @@ class FallbackModule(MultiPointLayer):
         self.mode: str | None = None  # "vmap" or "loop": what the last call ran
         self.vmap_fails = False  # an op without a batching rule: loop always
         self.timing = False  # the last call was one of the timed calls that choose between vmap and the loop
-
-    def __getattr__(self, name: str):
-        try:
-            return nn.Module.__getattr__(self, name)
-        except AttributeError:
-            pass
-        inner = nn.Module.__getattr__(self, "inner")
-        value = getattr(inner, name)
-        if torch.is_tensor(value) and name in self.slices:  # its dtype / shape only (using the values raises)
-            return stand_in(self.name, self.source_type, name, self.slices[name].anchors[0])
-        return value  # configuration (batch_first, num_heads, ...) reads through to the wrapped module
 
     def _in_axis(self, i: int, t: torch.Tensor, n: int) -> int | None:
         rules = _rules(self.inner)

@@ -138,6 +138,8 @@ class MultiPointLayer(nn.Module):
     """Base: holds ``ParamSlice`` per tensor name (plain attributes, not buffers: ``.to()`` must not touch them)."""
 
     path = "native"
+    #: the child module that answers reads of other attributes (a wrapper's wrapped module), if any
+    reads_through: str | None = None
 
     def __init__(self, ctx: PointContext, name: str, tensors: dict[str, ParamSlice], source: nn.Module):
         super().__init__()
@@ -212,6 +214,9 @@ class MultiPointLayer(nn.Module):
             settings = self.__dict__.get("source_settings", {})
             if name in settings:
                 return settings[name]
+            through = self._modules.get(self.reads_through) if self.reads_through else None
+            if through is not None:  # children and configuration (batch_first, num_heads, ...) of the wrapped module
+                return getattr(through, name)
             if name in ("weight", "bias", "running_mean", "running_var"):
                 raise external_read_error(self.name, self.source_type, name) from None
             raise

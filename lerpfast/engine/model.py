@@ -175,7 +175,7 @@ class MultiPointModel(nn.Module):
                 gm = None
             if gm is not None:
                 self.shared_nodes = plan_regions(
-                    gm, self.ctx, lambda region, members: SharedRegion(self.ctx, "<shared>", region, members))
+                    gm, lambda region, members: SharedRegion(self.ctx, "<shared>", region, members))
                 if self.shared_nodes:
                     self.paths["<shared>"] = f"shared:{len(self.shared_nodes)} top-level nodes"
                 root = gm
@@ -808,8 +808,8 @@ def _drop_fallback_copies(mp: MultiPointModel) -> None:
     """
     memo: dict[int, torch.Tensor] = {}
     for layer in mp.layers():
-        if not isinstance(layer, (FallbackModule, PointParamsModule, SharedModule)) or isinstance(layer, SharedRegion):
-            continue  # those three swap the points' (or the constant) values in per call
+        if not isinstance(layer, (FallbackModule, PointParamsModule, SharedModule)):
+            continue  # those swap the points' (or the constant) values in per call (a SharedRegion holds none)
         for rel in layer.slices:
             owner_name, _, attr = rel.rpartition(".")
             owner = layer.inner.get_submodule(owner_name) if owner_name else layer.inner

@@ -27,7 +27,7 @@ from torch import nn
 from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from lerpfast.engine.layers import MultiPointLayer, _affine, check_calibration, stand_in
+from lerpfast.engine.layers import MultiPointLayer, _affine, check_calibration
 
 __all__ = ["PointTensor", "PointParamsModule", "NeedsFallback"]
 
@@ -182,6 +182,8 @@ class PointParamsModule(MultiPointLayer):
     """A module that owns tensors directly, run with its own ``forward``: its own tensors as PointTensors, its
     children (already converted) multi-point layers."""
 
+    reads_through = "inner"  # its children (converted) and configuration
+
     path = "native-params"
 
     def __init__(self, ctx, name, tensors, source, whole: bool = False):
@@ -195,17 +197,6 @@ class PointParamsModule(MultiPointLayer):
             owner_name, _, attr = k.rpartition(".")
             owner = source.get_submodule(owner_name) if owner_name else source
             self.where[k] = (owner, "_parameters" if attr in owner._parameters else "_buffers", attr)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)  # its slices (stand-ins) and its own attributes
-        except AttributeError:
-            pass
-        inner = nn.Module.__getattr__(self, "inner")
-        value = getattr(inner, name)  # children (already converted) and configuration read through
-        if torch.is_tensor(value) and name in self.slices:
-            return stand_in(self.name, self.source_type, name, self.slices[name].anchors[0])
-        return value
 
     # a ParameterList / ParameterDict read by its parent: each entry as an attribute read (the tensor itself when it
     # is the same at every point, else a stand-in); other containers index their (converted) children

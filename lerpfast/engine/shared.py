@@ -21,6 +21,8 @@ modules do not break the chain. ``MultiPointModel.shared_report()`` says where t
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import fx, nn
 from torch.func import functional_call
@@ -53,6 +55,9 @@ class SharedModule(MultiPointLayer):
 
     path = "shared"
     whole = True  # every tensor below it is its own (MultiPointModel.bind hands it all of them)
+    # code outside reads its children or settings (transformers: self.embeddings.patch_embeddings): the converted
+    # subtree has the same structure
+    reads_through = "alt"
 
     def __init__(self, ctx, name, tensors, inner: nn.Module, alt: nn.Module, what: str | None = None):
         super().__init__(ctx, name, tensors, inner)
@@ -61,15 +66,6 @@ class SharedModule(MultiPointLayer):
             self.source_type = what
         self.verdicts: dict[tuple, tuple | None] = {}
         self.calls = {"shared": 0, "rows": 0, "converted": 0}
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            pass
-        # code outside the module reads its children or settings (transformers: self.embeddings.patch_embeddings):
-        # the converted subtree has the same structure (and stand-ins for its tensors)
-        return getattr(nn.Module.__getattr__(self, "alt"), name)
 
     # a parent that iterates or indexes it (``for block in self.blocks``) gets the converted children: correct at
     # every point, computed per point rather than shared
@@ -194,31 +190,28 @@ def _split_flags(big, little, K: int, B: int) -> tuple | None:
     return tuple(flags)
 
 
-class _rows_mode:  # noqa: N801 (a context manager used like a function)
+@contextlib.contextmanager
+def _rows_mode(ctx, meta: bool = False):
     """While set, shared modules (and the engine's layers inside a shared region) compute on the rows they get."""
-
-    def __init__(self, ctx, meta: bool = False):
-        self.ctx, self.meta = ctx, meta
-
-    def __enter__(self):
-        self.saved = (self.ctx.rows_mode, self.ctx.shared_meta)
-        self.ctx.rows_mode = True
-        self.ctx.shared_meta = self.meta or self.ctx.shared_meta
-
-    def __exit__(self, *exc):
-        self.ctx.rows_mode, self.ctx.shared_meta = self.saved
+    saved = (ctx.rows_mode, ctx.shared_meta)
+    ctx.rows_mode, ctx.shared_meta = True, meta or ctx.shared_meta
+    try:
+        yield
+    finally:
+        ctx.rows_mode, ctx.shared_meta = saved
 
 
 # ------------------------------------------------------------------------------------------- regions in a graph
 
 
-def _node_modules(node: fx.Node, mods: dict) -> nn.Module | None:
+def _called_module(node: fx.Node, mods: dict) -> nn.Module | None:
     return mods.get(node.target) if node.op == "call_module" else None
 
 
-def plan_regions(gm: fx.GraphModule, ctx, make) -> list[str]:
+def plan_regions(gm: fx.GraphModule, make) -> list[str]:
     """Fold the longest run of top-level nodes that depend only on the inputs and on constant modules into one
-    :class:`SharedModule` (built by ``make(name, region_gm, members)``); returns the folded nodes' names.
+    :class:`SharedRegion` (built by ``make(region_gm, members)``, members its shared modules); returns the folded
+    nodes' names.
 
     A node joins when every node it reads has joined or is an input, and it is a call of a tensor-free function /
     method / module, or of a :class:`SharedModule`. The region's outputs are the values that nodes outside it
@@ -236,7 +229,7 @@ def plan_regions(gm: fx.GraphModule, ctx, make) -> list[str]:
         if node.op == "get_attr":
             continue  # a tensor of the root: only the engine's own layers may hold the slice's tensors
         if node.op == "call_module":
-            m = _node_modules(node, mods)
+            m = _called_module(node, mods)
             if not isinstance(m, SharedModule) and (isinstance(m, MultiPointLayer)
                                                    or any(True for _ in m.parameters())
                                                    or any(True for _ in m.buffers())):
@@ -245,8 +238,8 @@ def plan_regions(gm: fx.GraphModule, ctx, make) -> list[str]:
             continue  # a constant made from nothing (torch.arange(...)): leave it where it is
         inside.append(node)
         member.add(node)
-    if not any(_node_modules(n, mods) is not None and isinstance(_node_modules(n, mods), SharedModule)
-               for n in inside):
+    shared = [m for m in (_called_module(n, mods) for n in inside) if isinstance(m, SharedModule)]
+    if not shared:
         return []  # nothing worth a region: the tensor-free ops alone cost little
     outputs = [n for n in inside if any(u not in member for u in n.users)]
     inputs = []
@@ -262,7 +255,6 @@ def plan_regions(gm: fx.GraphModule, ctx, make) -> list[str]:
         env[n] = sub.node_copy(n, lambda r: env[r])
     sub.output(tuple(env[n] for n in outputs))
     region = fx.GraphModule(gm, sub)
-    shared = [_node_modules(n, mods) for n in inside if isinstance(_node_modules(n, mods), SharedModule)]
     new = make(region, shared)
     attr = "lerpfast_shared"
     while hasattr(gm, attr):
