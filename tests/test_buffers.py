@@ -3,6 +3,8 @@ live tensor, results bit-identical to fresh allocations, nothing held after the 
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import pytest
 import torch
@@ -89,3 +91,45 @@ def test_sweep_with_recycled_buffers_equals_fresh_allocations(monkeypatch):
     assert "cpu_buffers" not in fresh.meta
     for k in fresh.metrics:
         np.testing.assert_array_equal(got.metrics[k], fresh.metrics[k], err_msg=k)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mapped_bytes() -> int:
+    """Bytes glibc holds in mmap'd blocks (mallinfo2's hblkhd)."""
+    libc = buffers._glibc()
+    libc.mallinfo2.restype = _MallInfo2
+    return libc.mallinfo2().hblkhd
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+BLOCK = 40 << 20  # above the largest mmap threshold glibc adapts to (32 MB): always a fresh mapping by default
+
+
+@pytest.mark.skipif(buffers._glibc() is None, reason="glibc's mallopt (Linux)")
+def test_heap_kept_serves_large_blocks_from_the_heap_and_gives_memory_back(monkeypatch):
+    """Inside heap_kept a 40 MB tensor comes from the heap (no new mapping, whose pages every first write faults in)
+    and a freed one serves the next; after the block what it kept went back to the system. Nested blocks are one;
+    LERPFAST_CPU_MALLOC=0 leaves malloc alone."""
+    with buffers.heap_kept():
+        with buffers.heap_kept():  # nested: the outer block's settings stay
+            assert buffers._HEAP_DEPTH == 1
+        mapped = _mapped_bytes()
+        for _ in range(3):
+            y = torch.ones(BLOCK // 4)
+            assert _mapped_bytes() < mapped + BLOCK, "a large block was mmap'd inside heap_kept"
+            del y
+        kept = _rss()
+    assert kept - _rss() >= BLOCK // 2, (kept, _rss())  # malloc_trim returned the freed blocks
+    assert buffers._HEAP_DEPTH == 0
+    monkeypatch.setattr(buffers, "_glibc", lambda: pytest.fail("mallopt with LERPFAST_CPU_MALLOC=0"))
+    monkeypatch.setenv("LERPFAST_CPU_MALLOC", "0")
+    with buffers.heap_kept():
+        assert buffers._HEAP_DEPTH == 0

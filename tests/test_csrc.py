@@ -40,14 +40,36 @@ def test_combine_cpu_bit_identical_to_engine(K, J, M, shape, dtype):
     idx, c = _points(K, M, J, seed=M)
     out = ops.combine(a, d, idx, c)
     assert out.shape == (K, *shape) and out.dtype == dtype
-    assert torch.equal(out, F.combine(a, d, idx, c))
+    assert torch.equal(out, F.combine_torch(a, d, idx, c))
+
+
+def test_engine_combine_uses_the_cpu_op_where_it_may(monkeypatch):
+    """On the CPU the engine's combine calls the one-pass op (same bits as combine_torch); with a gradient to record,
+    J >= MATMUL_MIN_J, dtypes that differ, or LERPFAST_CPU_COMBINE=0 it keeps torch's ops."""
+    calls = []
+    real = F._cpu_combine_op()
+    monkeypatch.setattr(F, "_cpu_combine_op", lambda: (lambda *a: calls.append(1) or real(*a)))
+    a, d = _slice(2, 2, (7, 33), seed=3)
+    idx, c = _points(5, 2, 2, seed=3)
+    assert torch.equal(F.combine(a, d, idx, c), F.combine_torch(a, d, idx, c)) and len(calls) == 1
+    dg = d.clone().requires_grad_(True)
+    out = F.combine(a, dg, idx, c)
+    out.sum().backward()  # autograd through torch's ops
+    assert len(calls) == 1 and torch.allclose(dg.grad, c.sum(0)[:, None, None].expand_as(d))
+    F.combine(a, d.double(), idx, c)
+    a5, d5 = _slice(1, F.MATMUL_MIN_J, (7, 33), seed=4)
+    F.combine(a5, d5, torch.zeros(3, dtype=torch.long), torch.rand(3, F.MATMUL_MIN_J))
+    assert len(calls) == 1
+    monkeypatch.undo()
+    monkeypatch.setenv("LERPFAST_CPU_COMBINE", "0")
+    assert F._cpu_combine_op() is None
 
 
 def test_combine_large_tensor_parallel_chunks():
     """More elements than one 4096-element chunk, K = 1: the chunked parallel loop covers every element."""
     a, d = _slice(2, 2, (3, 5000), seed=4)
     idx, c = torch.tensor([1]), torch.tensor([[0.25, -1.5]])
-    assert torch.equal(ops.combine(a, d, idx, c), F.combine(a, d, idx, c))
+    assert torch.equal(ops.combine(a, d, idx, c), F.combine_torch(a, d, idx, c))
 
 
 def test_combine_endpoints_exact():
@@ -128,4 +150,4 @@ def test_combine_cuda_bit_identical():
     a, d = _slice(2, 3, (64, 129), seed=3)
     idx, c = _points(17, 2, 3)
     a, d, idx, c = a.cuda(), d.cuda(), idx.cuda(), c.cuda()
-    assert torch.equal(ops.combine(a, d, idx, c), F.combine(a, d, idx, c))
+    assert torch.equal(ops.combine(a, d, idx, c), F.combine_torch(a, d, idx, c))

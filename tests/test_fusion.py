@@ -209,6 +209,55 @@ def test_every_spelling_is_fused():
     assert rep["untraced"] == {}
 
 
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's norm + activation layer (its name and layout: the engine runs it as MPBatchNormAct)."""
+
+    def __init__(self, c, act):
+        super().__init__(c)
+        self.drop, self.act = nn.Identity(), act
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return self.act(self.drop(x))
+
+
+class EfficientNetLike(nn.Module):
+    """timm EfficientNet's pattern: conv + BatchNormAct(SiLU), conv + BatchNormAct(ReLU), a squeeze-excite gate of 1x1
+    convolutions on 1x1 maps, conv + BatchNormAct(identity) + residual; one BatchNormAct whose dropout ends nothing."""
+
+    def __init__(self):
+        super().__init__()
+        c = 6
+        self.c1, self.n1 = nn.Conv2d(3, c, 3, padding=1, bias=False), BatchNormAct2d(c, nn.SiLU())
+        self.c2, self.n2 = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), BatchNormAct2d(c, nn.ReLU())
+        self.se1, self.se2 = nn.Conv2d(c, 3, 1), nn.Conv2d(3, c, 1)
+        self.c3, self.n3 = nn.Conv2d(c, c, 1, bias=False), BatchNormAct2d(c, nn.Identity())
+        self.c4, self.n4 = nn.Conv2d(c, c, 3, padding=1, bias=False), BatchNormAct2d(c, nn.GELU())
+        self.n4.drop = nn.Dropout(0.5)  # eval: the identity, but not a known one: the chain stops before it
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        h = self.n1(self.c1(x))
+        y = self.n2(self.c2(h))
+        y = y * torch.sigmoid(self.se2(F.silu(self.se1(y.mean((2, 3), keepdim=True)))))
+        h = self.n3(self.c3(y)) + h
+        h = self.n4(self.c4(h))
+        return self.head(h.mean((2, 3)))
+
+
+def test_timm_batchnorm_act_is_fused():
+    """BatchNormAct folds into its conv: SiLU after the fused op, ReLU inside it, an identity act lets the residual
+    join; a non-identity drop keeps the act outside (still folded). The SE gate's 1x1 convs run as GEMMs."""
+    rep = _check(EfficientNetLike(), torch.randn(4, 3, 6, 5), 4)
+    assert rep["fused"] == ["c1+n1", "c2+n2", "c3+n3+add", "c4+n4"]
+    assert rep["calls"] == {"fused": 4, "partial": 0, "unfused": 0}
+    model = _with_stats(EfficientNetLike(), 0).eval()
+    _, mp, _ = _points_outputs(model, _perturb(model, 1), torch.randn(2, 3, 6, 5), [0.3, 0.8], True)
+    chains = {c.name: (c.bn_relu, c.post is not None) for c in mp.net.modules() if isinstance(c, FusedChain)}
+    assert chains == {"c1+n1": (False, True), "c2+n2": (True, False), "c3+n3+add": (False, False),
+                      "c4+n4": (False, True)}
+
+
 class Refused(nn.Module):
     """Chains that must stop early: shared intermediates, `other += bn_out`, a broadcasting residual,
     BatchNorm1d on a Linear's 3-d output (runtime: unfused), relu on a value used twice."""

@@ -141,6 +141,38 @@ def combine(anchors: torch.Tensor, dirs: torch.Tensor | None, anchor_idx: torch.
             coefs: torch.Tensor) -> torch.Tensor:
     """K points of one tensor: (K, *S) with ``W_k = anchors[idx_k] + sum_j coefs[k, j] * dirs[j]``.
 
+    :func:`combine_torch` computes it; on a CPU with the C++ extension built, 0 < J < :data:`MATMUL_MIN_J`
+    directions and no gradient to record, ``torch.ops.lerpfast.combine`` computes the same bits in one pass over
+    the sources (csrc/lerpfast_ops.cpp; tests/test_csrc.py holds it to :func:`combine_torch` bit for bit) instead
+    of the 1 + 2J passes of torch ops over (K, *S): one thread, K = 5, a (640, 160) weight 0.84 -> 0.22 ms, K = 11,
+    a (768, 3072) one 100 -> 50 ms.
+    """
+    if (anchors.device.type == "cpu" and dirs is not None and 0 < coefs.shape[1] < MATMUL_MIN_J
+            and dirs.dtype == anchors.dtype and anchors.dtype in _CPU_COMBINE_DTYPES
+            and not (torch.is_grad_enabled() and (anchors.requires_grad or dirs.requires_grad or coefs.requires_grad))
+            and not torch.compiler.is_compiling()):
+        op = _cpu_combine_op()
+        if op is not None:
+            return op(anchors, dirs, anchor_idx, coefs)
+    return combine_torch(anchors, dirs, anchor_idx, coefs)
+
+
+_CPU_COMBINE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _cpu_combine_op():
+    """``torch.ops.lerpfast.combine`` when the C++ extension is built (and LERPFAST_CPU_COMBINE is not 0), else None."""
+    if os.environ.get("LERPFAST_CPU_COMBINE", "1") == "0":
+        return None
+    from lerpfast.kernels import ext
+
+    return torch.ops.lerpfast.combine if ext.available() else None
+
+
+def combine_torch(anchors: torch.Tensor, dirs: torch.Tensor | None, anchor_idx: torch.Tensor,
+                  coefs: torch.Tensor) -> torch.Tensor:
+    """K points of one tensor: (K, *S) with ``W_k = anchors[idx_k] + sum_j coefs[k, j] * dirs[j]``.
+
     With J < :data:`MATMUL_MIN_J` directions (or off the CPU) the sum runs over j in order with one rounding per
     term, exactly as :func:`combine_one` and the fused kernels do. With more, on a CPU, the directions are summed
     by one ``addmm`` over the flattened tensor (no autocast, exact fp32 matmul only): the same value up to
@@ -292,6 +324,9 @@ def lerp_linear(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Point
     elif shared_input:  # more tensors in the basis than points (many directions): the K weights, the rows once
         weight = combine(w.anchors, w.dirs, pts.anchor_idx, pts.coefs)  # (K, out, in)
         out = torch.matmul(x, weight.to(x.dtype).transpose(-1, -2))  # (N, in) @ (K, in, out) -> (K, N, out)
+    elif (x.device.type == "cpu" and pts.K > 1 and _owned_outputs()
+          and w.anchors[0].numel() * max(x.element_size(), w.anchors.element_size()) >= CPU_POINT_WEIGHT_BYTES):
+        out = _linear_point_by_point(x, w, pts)
     else:
         weight = cpu_cached(pts, ("linear", id(w.anchors), x.dtype), x.device,
                             lambda: combine(w.anchors, w.dirs, pts.anchor_idx, pts.coefs).to(x.dtype))  # (K, out, in)
@@ -299,6 +334,26 @@ def lerp_linear(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Point
     bias = points_bias(b, pts)
     if bias is not None:
         out = _add_bias(out, bias.to(out.dtype)[:, None, :])
+    return out
+
+
+#: A Linear whose one-point weight is this large is run point by point on a CPU (LERPFAST_CPU_POINT_WEIGHT, bytes).
+CPU_POINT_WEIGHT_BYTES = int(os.environ.get("LERPFAST_CPU_POINT_WEIGHT") or str(16 << 20))
+
+
+def _linear_point_by_point(x: torch.Tensor, w: ParamSlice, pts: Points) -> torch.Tensor:
+    """(K, N, in) -> (K, N, out): each point's weight built alone, then its GEMM into the (K, ...) result.
+
+    For a weight far beyond the caches (GPT-2's tied 50257 x 768 output layer: 154 MB a point) the K weights at once
+    (1.7 GB at K = 11) buy nothing, since no GEMM reuses them from cache, and cost K times the memory, fresh pages
+    included; point by point is what the loop does with one model, without its copy into the model.
+    """
+    K, N = x.shape[:2]
+    out = buffers.empty((K, N, w.anchors.shape[1]), x.dtype, x.device)
+    for k in range(K):
+        wk = combine(w.anchors, w.dirs, pts.anchor_idx[k:k + 1], pts.coefs[k:k + 1])[0].to(x.dtype)  # (out, in)
+        torch.mm(x[k], wk.t(), out=out[k])
+        del wk  # its block serves the next point's weight
     return out
 
 
@@ -377,6 +432,23 @@ def conv_per_point(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Po
     key = ("conv", id(w.anchors), x.dtype, None if bn is None else id(bn[0]))
     weight, bias = cpu_cached(pts, key, x.device, weights)
     K = x.shape[0]
+    rows = _gemm_rows(x, weight, stride, padding, groups)
+    if rows is not None:
+        # a 1x1 convolution that is a linear map of each position's channels, as one batched GEMM over the points
+        # straight into the (K, ...) result: no per-point output to copy into it. Taken for 1x1 maps (squeeze-and-
+        # excitation gates, heads after global pooling; K = 5, 8 rows, 1152 -> 48 channels, 1 thread: 173 us as 5
+        # convolutions, 51 us as one GEMM) and channels-last inputs (timm ConvNeXt's MLP; K = 5, 8 images of 32x32,
+        # 40 -> 160 channels: 6.9 ms as 5 convolutions + 4.3 ms copying their outputs, 8.0 ms as one GEMM); a
+        # channels-first input with a larger map stays a convolution (its GEMM is a batch of small products).
+        ws = weight.reshape(K, weight.shape[1], -1).transpose(1, 2)  # (K, C, O)
+        y = torch.bmm(rows, ws) if bias is None else torch.baddbmm(bias[:, None, :], rows, ws)  # (K, N * P, O)
+        sp = x.shape[3:]
+        out = y.view(K, x.shape[1], *sp, weight.shape[1]).movedim(-1, 2)  # (K, N, O, *sp), channels-last blocks
+        if residual is not None:
+            out = out.add_(residual.to(out.dtype)) if _owned_outputs() else out + residual.to(out.dtype)
+        if relu:
+            out = out.clamp_min_(0) if _owned_outputs() else torch.relu(out)
+        return out
     if not _owned_outputs():
         # autograd records (lerpfast.fit_curve): unbind / stack instead of x[k] and writes into out[k], whose
         # backward would build a zero-filled (K, ...) tensor per point (ResNet-20, T = 8: 3.0 s of a 4.4 s step)
@@ -391,7 +463,7 @@ def conv_per_point(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Po
     for k in range(K):
         y = conv(x[k], weight[k], None if bias is None else bias[k], stride, padding, dilation, groups)
         if out is None:
-            out = buffers.empty((K, *y.shape), y.dtype, y.device)  # recycled within a sweep (engine.buffers)
+            out = _points_empty(K, y)
         if residual is not None:
             torch.add(y, residual[k].to(y.dtype), out=out[k])
             if relu:
@@ -401,6 +473,36 @@ def conv_per_point(x: torch.Tensor, w: ParamSlice, b: ParamSlice | None, pts: Po
         else:
             out[k].copy_(y)
     return out
+
+
+def _points_empty(K: int, y: torch.Tensor) -> torch.Tensor:
+    """An empty (K, *y.shape) tensor (recycled within a sweep, :mod:`lerpfast.engine.buffers`) whose every [k] has
+    ``y``'s memory layout: a channels-last conv output (timm ConvNeXt's blocks hand their convolutions channels-last
+    inputs) is copied into it as it lies, not transposed on the way (timm convnext_atto: 14 % of an engine sweep)."""
+    order = sorted(range(y.dim()), key=lambda d: (-y.stride(d), d))  # outermost to innermost axis in memory
+    if order == list(range(y.dim())) or y.stride(order[-1]) != 1:
+        return buffers.empty((K, *y.shape), y.dtype, y.device)
+    buf = buffers.empty((K, *(y.shape[d] for d in order)), y.dtype, y.device)
+    return buf.permute(0, *(1 + order.index(d) for d in range(y.dim())))
+
+
+def _gemm_rows(x: torch.Tensor, weight: torch.Tensor, stride, padding, groups: int) -> torch.Tensor | None:
+    """(K, N * P, C) rows of ``x`` (K, N, C, *sp) when its convolution with ``weight`` is a linear map of each
+    position's C channels that one GEMM per point computes without copying the input; else None.
+
+    That needs a 1x1 kernel, no zero padding ('same' and 'valid' pad nothing for a 1x1 kernel), one group, and either
+    1x1 maps (any stride or dilation) or unit stride over channels-last points (x[k] laid out (N, *sp, C))."""
+    if groups != 1 or any(k != 1 for k in weight.shape[3:]):
+        return None
+    if not isinstance(padding, str) and any(padding if isinstance(padding, (tuple, list)) else (padding,)):
+        return None
+    K, N, C = x.shape[:3]
+    if all(n == 1 for n in x.shape[3:]):
+        return x.reshape(K, N, C)
+    if any(s != 1 for s in (stride if isinstance(stride, (tuple, list)) else (stride,))):
+        return None
+    last = x.movedim(2, -1)  # (K, N, *sp, C)
+    return last.view(K, -1, C) if last.is_contiguous() else None
 
 
 def _grouped(conv, x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation, groups: int):

@@ -3,13 +3,15 @@
 The multi-point model (:class:`lerpfast.engine.model.MultiPointModel`) is traced with ``torch.fx``, its
 multi-point layers (and the torch.nn modules fx treats as leaves) kept as opaque calls. A chain
 
-    layer (MPConv / MPLinear) -> [MPBatchNorm] -> [add(other) | iadd(other)] -> [ReLU]
+    layer (MPConv / MPLinear) -> [MPBatchNorm | MPBatchNormAct] -> [add(other) | iadd(other)] -> [ReLU]
 
 (at least one of the three after the layer; ReLU as ``nn.ReLU``, ``F.relu``, ``torch.relu``, ``relu_``,
 ``Tensor.relu(_)``, in place or not; the add as ``+``, ``+=``, ``torch.add``, ``Tensor.add(_)``) whose
 intermediate values have no other user is replaced by one :class:`FusedChain` call, which runs
 ``dispatch.lerp_conv_fused / lerp_linear_fused(..., bn=bn_fold(...), residual=..., relu=...)``: on a GPU one
-Triton kernel instead of the conv and the separate BN / add / ReLU passes.
+Triton kernel instead of the conv and the separate BN / add / ReLU passes. timm's ``BatchNormAct2d`` (batch norm,
+then its ``drop`` and ``act``) folds like a batch norm: with no activation the chain goes on, a ReLU joins the fused
+op, and another activation (EfficientNet's SiLU) runs on the fused op's output and ends the chain.
 
 BN is fused only while it is a per-point affine map (eval mode on running statistics that follow the slice:
 BN policies ``interpolate`` and ``endpoint``); under ``recompute`` (batch statistics) the chain runs unfused,
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lerpfast.engine.dispatch import _autocast_dtype
-from lerpfast.engine.layers import MPBatchNorm, MPConv, MPLinear, MultiPointLayer, PointContext
+from lerpfast.engine.layers import MPBatchNorm, MPBatchNormAct, MPConv, MPLinear, MultiPointLayer, PointContext
 
 __all__ = ["FUSE_MODES", "FusedChain", "fuse", "resolve_fuse"]
 
@@ -68,6 +70,9 @@ class FusedChain(nn.Module):
         self.ctx, self.name = ctx, name
         self.layer, self.bn = layer, bn
         self.add, self.relu = add, relu  # add: None, "add" (out of place) or "iadd" (in place on the BN output)
+        # timm's BatchNormAct: its ReLU joins the fused op, another activation runs on the fused op's output
+        tail = bn.tail() if isinstance(bn, MPBatchNormAct) else "identity"
+        self.bn_relu, self.post = tail == "relu", bn.post if tail == "other" else None
         self.enabled = True
         self.calls = {"fused": 0, "partial": 0, "unfused": 0}  # partial: fused up to BN, the add / ReLU after
         self.constant_calls = 0  # calls with every tensor of the chain the same at every point: plain ops
@@ -93,7 +98,8 @@ class FusedChain(nn.Module):
             bn = self.bn.fold()
         if self.add is None or self._residual_ok(x, residual):
             self.calls["fused"] += 1
-            return self.layer.run(x, bn=bn, residual=residual if self.add else None, relu=self.relu)
+            y = self.layer.run(x, bn=bn, residual=residual if self.add else None, relu=self.relu or self.bn_relu)
+            return y if self.post is None else self.post(y)
         # a residual the fused op cannot take (broadcasting, another dtype): fuse up to BN, then the rest as written
         self.calls["partial"] += 1
         return self._tail(self.layer.run(x, bn=bn), residual)
@@ -172,11 +178,12 @@ def _chains(gm: fx.GraphModule) -> list[tuple]:
         last, bn_node, add_node, kind, other, relu_node = node, None, None, None, None, None
         nxt = _single_user(last)
         m = module(nxt) if nxt is not None else None
-        # exactly MPBatchNorm: a subclass (MPBatchNormAct) applies more than the affine map
-        if (type(m) is MPBatchNorm and nxt.args == (last,) and not nxt.kwargs
+        if (type(m) in (MPBatchNorm, MPBatchNormAct) and nxt.args == (last,) and not nxt.kwargs
                 and m.num_features == layer.out_channels):
             bn_node = last = nxt
-            nxt = _single_user(last)
+            # timm's norm + activation: an activation after the affine map ends the chain (an add after it is not
+            # the add-then-ReLU the fused op computes); an identity one lets it go on like a plain batch norm
+            nxt = _single_user(last) if type(m) is MPBatchNorm or m.tail() == "identity" else None
         if nxt is not None:
             kind, other = _as_add(nxt, last)
             if kind is not None:

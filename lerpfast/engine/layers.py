@@ -448,7 +448,20 @@ class MPBatchNormAct(MPBatchNorm):
         self.drop, self.act = source.drop, source.act
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(super().run(x)))
+        return self.post(super().run(x))
+
+    def post(self, y: torch.Tensor) -> torch.Tensor:
+        """What follows the batch norm's affine map (its ``drop``, then ``act``), for a fused chain that has
+        folded the affine map into the layer before it."""
+        return self.act(self.drop(y))
+
+    def tail(self) -> str:
+        """'identity' when nothing follows the affine map, 'relu' when a ReLU alone does, else 'other'."""
+        if not isinstance(self.drop, nn.Identity):
+            return "other"
+        if isinstance(self.act, nn.Identity):
+            return "identity"
+        return "relu" if type(self.act) is nn.ReLU else "other"
 
 
 def _bn_act_ok(m: nn.Module) -> bool:
