@@ -1,8 +1,8 @@
 """`lerpfast reproduce frankle --quick`: the claims table, the figures, the store, and a re-run from the store.
 
-One quick run (scikit-learn digits: LeNet-300-100 and ResNet-20, 2 replicates each; about 40 s on one thread)
-is shared by the tests. The claims themselves are checked in REPRODUCTIONS.md, not forced true here: these tests
-check that every row is there with finite numbers.
+One quick run (scikit-learn digits: LeNet-300-100 and ResNet-20, 2 replicates each, ResNet-20's lines swept with
+both batch-norm policies; about 30 s on one thread) is shared by the tests. The claims themselves are checked in
+REPRODUCTIONS.md, not forced true here: these tests check that every row is there with finite numbers.
 """
 
 from __future__ import annotations
@@ -20,21 +20,26 @@ from lerpfast.reproduce.frankle import half_drop_alpha, pick_ts
 from lerpfast.store import ResultStore
 
 # the start of each claim of the table, in order (the paper's statements)
+MODERN = [
+    "\"loss is roughly monotonically non-increasing",
+    "\"loss remains close to its initial value",
+    "\"error remains at the level of random chance",
+    "interpolating after a little training meets a loss barrier",
+    "\"The optimum becomes linearly accessible again",
+]
 CLAIMS = [
     "MNIST network: Goodfellow et al.'s result holds",
     "MNIST network: the loss \"has a simple, approximately convex shape\"",
     "MNIST network: no loss barrier when interpolating from later iterations",
     "MNIST network: \"After iteration 1000",
-    "CIFAR-10 network: \"loss is roughly monotonically non-increasing",
-    "CIFAR-10 network: \"loss remains close to its initial value",
-    "CIFAR-10 network: \"error remains at the level of random chance",
-    "CIFAR-10 network: interpolating after a little training meets a loss barrier",
-    "CIFAR-10 network: \"The optimum becomes linearly accessible again",
+    # the paper does not say how batch norm is treated along a line: one row set per policy
+    *(f"CIFAR-10 network (bn={bn}): {c}" for bn in ("interpolate", "recompute") for c in MODERN),
 ]
 # our own findings (listed apart, not counted)
-OBSERVATIONS = ["ResNet-20: each replicate shows", "ResNet-20: the same barrier question in test error"]
+OBSERVATIONS = [f"ResNet-20 (bn={bn}): {o}" for bn in ("interpolate", "recompute")
+                for o in ("each replicate shows", "the same barrier question in test error")]
 FIGURES = ["lenet_300_100_lines", "lenet_300_100_max_increase", "resnet20_lines", "resnet20_max_increase",
-           "init_final"]
+           "resnet20-recompute_lines", "resnet20-recompute_max_increase", "resnet20_max_increase_bn", "init_final"]
 LENET_TS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256]  # Frankle's schedule below the final iteration (360) on digits
 RESNET_TS = [0, 4, 16, 64]
 
@@ -102,13 +107,17 @@ def test_store_holds_every_line(quick):
     store = ResultStore(out / "results.h5", "r")
     names = set(store.names())
     expected = {f"lenet_300_100:t={t}@rep{r}" for t in LENET_TS for r in range(2)}
-    expected |= {f"resnet20:t={t}@rep{r}" for t in RESNET_TS for r in range(2)}
+    expected |= {f"{p}:t={t}@rep{r}" for p in ("resnet20", "resnet20-recompute") for t in RESNET_TS for r in range(2)}
     assert expected <= names
     for n in expected:
         done, total = store.progress(n)
         assert done == total == (100 if n.startswith("lenet") else 21), n
     res = store.read("resnet20:t=0@rep1")
     assert res.meta["data"]["num_samples"] == 360 and np.isfinite(res.metrics["error"]).all()
+    # the same line under the two policies: recomputed statistics change the interpolated points, not the endpoints
+    rec = store.read("resnet20-recompute:t=0@rep1")
+    assert np.isfinite(rec.metrics["loss"]).all()
+    assert np.abs(rec.loss[1:-1] - res.loss[1:-1]).max() > 1e-3
 
 
 def test_rerun_trains_and_sweeps_nothing(quick, monkeypatch):
@@ -146,3 +155,65 @@ def test_pick_ts_and_half_drop_alpha():
     assert half_drop_alpha(a, (1 - a) ** 4) < 0.2  # convex: falls early
     assert half_drop_alpha(a, 1 - a ** 6) > 0.85  # stays high until close to the end
     assert math.isnan(half_drop_alpha(a, a))  # never falls
+
+
+def test_full_run_settings(tmp_path, monkeypatch):
+    """The default (full) run: OpenLTH's whole CIFAR recipe for ResNet-20 on digits at 16x16, every t, 100 points on
+    all test images, both batch-norm policies on one training run; the MNIST network's data is one constant."""
+    from lerpfast.reproduce import frankle
+    from lerpfast.reproduce._common import Context, Settings
+
+    ctx = Context(Settings("frankle", tmp_path, "fashion-mnist", "lenet_300_100"), log=lambda *a: None)
+    got = dict(frankle._settings(ctx))
+    assert list(got) == ["small", "modern", "modern:recompute"]
+    small, modern, recompute = got["small"], got["modern"], got["modern:recompute"]
+    assert (small.model, small.dataset, small.steps, small.ts, small.points) == \
+        ("lenet_300_100", "fashion-mnist", "10ep", "all", 100)
+    assert (modern.model, modern.dataset, modern.steps, modern.replicates) == ("resnet20", "digits", "160ep", 3)
+    assert modern.train == {"milestones": "80ep,120ep", "evaluate": "none", "model_options": "upsample=2"}
+    assert modern.ts == "all" and modern.points == 100 and modern.eval_limit is None
+    assert (modern.bn, recompute.bn, recompute.calibration) == ("interpolate", "recompute", 256)
+    assert recompute.train == modern.train and recompute.steps == modern.steps  # one training run, two sweeps
+    assert recompute.prefix != modern.prefix
+    monkeypatch.setattr(frankle, "MNIST_DATA", "digits")  # the one line that moves the MNIST network's data
+    assert dict(frankle._settings(ctx))["small"].dataset == "digits"
+    # OpenLTH's recipe for ResNet-20 is the model registry's default: SGD momentum 0.9, lr 0.1, wd 1e-4, batch 128
+    from lerpfast.train import TrainConfig
+
+    cfg = TrainConfig(model="resnet20", dataset="digits", steps="160ep", **modern.train).resolved()
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size, cfg.gamma) == \
+        ("sgdm", 0.1, 0.9, 1e-4, 128, 0.1)
+
+
+def test_resnet_upsample_matches_reference():
+    """ResNet-20 with upsample=2 is the plain network on the bilinearly enlarged input, and the batched sweep of it
+    matches the float64 per-point loop under both batch-norm policies (odd batch and sample counts)."""
+    import torch
+    import torch.nn.functional as F
+
+    import lerpfast
+    from lerpfast.train.models import create
+
+    torch.manual_seed(0)
+    up = create("resnet20", num_classes=10, in_shape=(1, 7, 5), upsample=2).eval()
+    plain = create("resnet20", num_classes=10, in_shape=(1, 14, 10)).eval()
+    plain.load_state_dict(up.state_dict())
+    x = torch.randn(5, 1, 7, 5)
+    big = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    assert big.shape == (5, 1, 14, 10)
+    torch.testing.assert_close(up(x), plain(big))
+    other = create("resnet20", num_classes=10, in_shape=(1, 7, 5), upsample=2)
+    with torch.no_grad():  # give the second endpoint its own running statistics
+        other.train()(torch.randn(33, 1, 7, 5))
+    data = (torch.randn(23, 1, 7, 5), torch.randint(0, 10, (23,)))
+    calib = (torch.randn(19, 1, 7, 5), torch.randint(0, 10, (19,)))
+    for kw in ({"bn": "interpolate"}, {"bn": "recompute", "bn_data": calib}):
+        fast = lerpfast.sweep(up, (up.state_dict(), other.state_dict()), "0:1:5", data, batch_size=8,
+                              points_per_pass=3, progress=False, **kw)
+        ref = lerpfast.sweep(up, (up.state_dict(), other.state_dict()), "0:1:5", data, batch_size=8,
+                             method="loop", precision="fp64", progress=False, **kw)
+        np.testing.assert_allclose(fast.loss, ref.loss, rtol=1e-5, atol=1e-5, err_msg=str(kw))
+        np.testing.assert_array_equal(fast.error, ref.error)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="upsample must be an integer >= 1"):
+            create("resnet20", num_classes=10, in_shape=(1, 8, 8), upsample=bad)

@@ -154,6 +154,12 @@ class Context:
         self._store = None
         self._data: dict[tuple, Any] = {}
         self.rank, self.world = _rank_world()
+        self.started = time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the context was made (the run's start), for progress lines."""
+        return time.perf_counter() - self.started
 
     # ------------------------------------------------------------------------------------------ lifecycle
 

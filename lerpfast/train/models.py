@@ -227,6 +227,10 @@ class CifarResNet(nn.Module):
         Width multiplier: stage widths are ``16w, 32w, 64w``.
     bn : bool
         Batch norm after every conv; without it the convs carry biases.
+    upsample : int
+        Enlarge the input by this integer factor (bilinear) before the first conv: scikit-learn's 8x8 digits at
+        16x16 keep a 4x4 map in the last stage, as CIFAR's 32x32 keeps 8x8 (Frankle's ResNet-20 on digits).
+        1 (default): the input as it comes. The resize has no weights.
 
     Notes
     -----
@@ -234,10 +238,13 @@ class CifarResNet(nn.Module):
     """
 
     def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, width: int = 1,
-                 bn: bool = True):
+                 bn: bool = True, upsample: int = 1):
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (got {depth})")
+        if isinstance(upsample, bool) or not isinstance(upsample, int) or upsample < 1:
+            raise ValueError(f"CIFAR ResNet upsample must be an integer >= 1 (got {upsample!r})")
+        self.upsample = upsample
         n = (depth - 2) // 6
         widths = [16 * width, 32 * width, 64 * width]
         self.conv = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=not bn)
@@ -253,6 +260,8 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.upsample > 1:
+            x = F.interpolate(x, scale_factor=self.upsample, mode="bilinear", align_corners=False)
         x = F.relu(self.bn(self.conv(x)))  # (N, 16w, H, W)
         x = self.blocks(x)  # (N, 64w, H/4, W/4)
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (N, 64w)
@@ -546,8 +555,8 @@ def _mlp(num_classes, in_shape, widths=(300, 100), activation="relu", pieces=5, 
 
 
 def _cifar_resnet(depth):
-    def build(num_classes, in_shape, width=1, bn=True, init="kaiming_normal", bn_init="uniform"):
-        model = CifarResNet(depth, num_classes, in_shape[0], width, bn)
+    def build(num_classes, in_shape, width=1, bn=True, init="kaiming_normal", bn_init="uniform", upsample=1):
+        model = CifarResNet(depth, num_classes, in_shape[0], width, bn, upsample)
         _init_weights(model, init, bn_init)
         return model
     return build
@@ -581,7 +590,7 @@ _REGISTRY: dict[str, _Spec] = {
     "lenet_300_100": _Spec(_mlp, _MNIST, 10, _LENET_TRAIN, "LeNet-300-100: MLP 784-300-100-10, ReLU"),
     "mlp": _Spec(_mlp, _MNIST, 10, _LENET_TRAIN,
                  "MLP; widths, activation (relu|sigmoid|tanh|maxout), pieces, dropout, bn"),
-    **{f"resnet{d}": _Spec(_cifar_resnet(d), _CIFAR, 10, _CIFAR_TRAIN, f"CIFAR ResNet-{d}; width, bn")
+    **{f"resnet{d}": _Spec(_cifar_resnet(d), _CIFAR, 10, _CIFAR_TRAIN, f"CIFAR ResNet-{d}; width, bn, upsample")
        for d in (20, 32, 44, 56, 110)},
     **{f"vgg{d}": _Spec(_cifar_vgg(d), _CIFAR, 10, _CIFAR_TRAIN, f"CIFAR VGG-{d}; bn, width")
        for d in (11, 13, 16, 19)},
