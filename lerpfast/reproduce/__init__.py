@@ -8,8 +8,9 @@
 Each trains what the paper needs (resuming what exists), runs its sweeps into one HDF5 file, draws the paper's
 figures and writes ``summary.md``: a table of the paper's claims, where the paper makes each, our number, and
 whether it agrees, then the observations we add beyond the paper (not counted). ``--quick`` runs on
-scikit-learn's digits in about a minute on 2 CPU cores; the full run uses Fashion-MNIST (the MNIST setting of the
-papers, offline) and takes up to half an hour on 2 cores.
+scikit-learn's digits in about a minute on 2 CPU cores; the full run uses the paper's default data set (Goodfellow:
+mnist5k, 5,000 real MNIST digits; Frankle, Im: Fashion-MNIST, the MNIST setting of the papers, offline) and takes up
+to half an hour on 2 cores.
 Re-running finishes from what is stored. REPRODUCTIONS.md has the full runs' tables.
 """
 
@@ -41,13 +42,23 @@ def _module(paper: str):
         raise ValueError(f"unknown paper {paper!r}; expected one of {', '.join(PAPERS)} or 'all'") from None
 
 
-def _resolve_dataset(name: str | None, quick: bool) -> str:
+def _resolve_dataset(name: str | None, quick: bool, preferred: str | None = None) -> str:
+    """The data set of a run: ``name`` if given; digits with ``quick``; else the paper's own default
+    (``DEFAULTS["dataset"]`` of its module, e.g. Goodfellow's ``mnist5k``) when installed, else Fashion-MNIST,
+    else digits."""
     if name is not None:
         return name
     if quick:
         return "digits"
     import lerpfast.data as ld
 
+    if preferred is not None and preferred != "fashion-mnist":
+        try:
+            ld.load(preferred, "test", limit=16)
+            return preferred
+        except FileNotFoundError as e:
+            print(f"lerpfast reproduce: {preferred} not found ({str(e).splitlines()[0]}): trying Fashion-MNIST",
+                  file=sys.stderr)
     try:
         ld.load("fashion-mnist", "test", limit=16)
         return "fashion-mnist"
@@ -67,7 +78,8 @@ def reproduce(paper: str, *, out: str | os.PathLike | None = None, dataset: str 
     paper : ``"goodfellow"``, ``"frankle"`` or ``"im"``.
     out : output folder (default ``reproduce-<paper>``): ``results.h5``, ``runs/``, ``figs/``, ``summary.md``,
         ``summary.json``.
-    dataset : data set name (default: digits with ``quick``, else Fashion-MNIST when installed, else digits).
+    dataset : data set name (default: digits with ``quick``, else the paper's own default when installed (Goodfellow:
+        ``mnist5k``, the 5,000 real MNIST digits), else Fashion-MNIST when installed, else digits).
     model : the paper's main model (default: the paper module's, LeNet-300-100 for the MNIST setting).
     quick : the small setting (about a minute on 2 CPU cores).
     device : ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
@@ -91,7 +103,8 @@ def reproduce(paper: str, *, out: str | os.PathLike | None = None, dataset: str 
     threads = threads or default_threads()
     torch.set_num_threads(threads)
     settings = Settings(
-        paper=paper, out=Path(out or f"reproduce-{paper}"), dataset=_resolve_dataset(dataset, quick),
+        paper=paper, out=Path(out or f"reproduce-{paper}"),
+        dataset=_resolve_dataset(dataset, quick, mod.DEFAULTS.get("dataset")),
         model=model or mod.DEFAULTS["model"], quick=quick, device=device, threads=threads,
         progress=sys.stderr.isatty() if progress is None else progress,
         command=command or f"lerpfast reproduce {paper}" + (" --quick" if quick else ""))
@@ -125,14 +138,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
         description=" ".join(__doc__.split("\n\n")[2].split()),
         epilog="examples:\n"
                "  lerpfast reproduce frankle --quick          # about a minute, scikit-learn digits\n"
-               "  lerpfast reproduce goodfellow               # Fashion-MNIST, up to 30 minutes on 2 cores\n"
+               "  lerpfast reproduce goodfellow               # 5,000 real MNIST digits, a few minutes on 2 cores\n"
                "  lerpfast reproduce all --out repro          # the three papers into repro/<paper>\n"
                "  torchrun --nproc-per-node 4 -m lerpfast.cli reproduce im   # points sharded over 4 GPUs",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paper", choices=[*PAPERS, "all"], help="which paper")
     p.add_argument("--quick", action="store_true", help="small setting on digits: about a minute on 2 CPU cores")
     p.add_argument("--dataset", default=None,
-                   help="data set (default: digits with --quick, else fashion-mnist; cifar10 where installed)")
+                   help="data set (default: digits with --quick, else the paper's: mnist5k for goodfellow, "
+                        "fashion-mnist for the others; cifar10 where installed)")
     p.add_argument("--model", default=None, help="the main model (default: lenet_300_100)")
     p.add_argument("--out", default=None, help="output folder (default: ./reproduce-<paper>)")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (default: auto)")

@@ -1,6 +1,7 @@
 """What every paper's reproduction shares: settings, the run context, claims and the summary.
 
-A paper module (``goodfellow``, ``frankle``, ``im``) has a ``TITLE``, a ``DEFAULTS`` dict and a function
+A paper module (``goodfellow``, ``frankle``, ``im``) has a ``TITLE``, a ``DEFAULTS`` dict (``model``; optionally
+``dataset``, the full run's data set when installed) and a function
 ``run(ctx: Context) -> None`` that trains what it needs with :meth:`Context.train`, sweeps with
 :meth:`Context.sweep`, draws with :meth:`Context.figure`, records each checked statement of the paper with
 :meth:`Context.claim` and each finding of its own that the paper does not state with :meth:`Context.observe`.
