@@ -157,29 +157,59 @@ def test_pick_ts_and_half_drop_alpha():
     assert math.isnan(half_drop_alpha(a, a))  # never falls
 
 
-def test_full_run_settings(tmp_path, monkeypatch):
-    """The default (full) run: OpenLTH's whole CIFAR recipe for ResNet-20 on digits at 16x16, every t, 100 points on
-    all test images, both batch-norm policies on one training run; the MNIST network's data is one constant."""
-    from lerpfast.reproduce import frankle
+def test_full_run_settings(tmp_path):
+    """The default (full) run: LeNet-300-100 with OpenLTH's LeNet recipe on the run's data set (mnist5k by default,
+    Fashion-MNIST on request); OpenLTH's whole CIFAR recipe for ResNet-20 on digits at 16x16, every t, 100 points on
+    all test images, both batch-norm policies on one training run."""
+    import lerpfast.data as ld
+    from lerpfast.reproduce import _resolve_dataset, frankle
     from lerpfast.reproduce._common import Context, Settings
+    from lerpfast.train import TrainConfig
+    from lerpfast.train.schedule import frankle_schedule
 
-    ctx = Context(Settings("frankle", tmp_path, "fashion-mnist", "lenet_300_100"), log=lambda *a: None)
-    got = dict(frankle._settings(ctx))
+    # the full run's data: the paper module's default, real MNIST digits (installed here and in CI)
+    assert frankle.DEFAULTS["dataset"] == "mnist5k"
+    assert _resolve_dataset(None, False, frankle.DEFAULTS["dataset"]) == "mnist5k"
+    assert _resolve_dataset(None, True, frankle.DEFAULTS["dataset"]) == "digits"  # --quick stays on digits
+
+    def settings(dataset):
+        ctx = Context(Settings("frankle", tmp_path, dataset, "lenet_300_100"), log=lambda *a: None)
+        return dict(frankle._settings(ctx))
+
+    got = settings("mnist5k")
     assert list(got) == ["small", "modern", "modern:recompute"]
     small, modern, recompute = got["small"], got["modern"], got["modern:recompute"]
-    assert (small.model, small.dataset, small.steps, small.ts, small.points) == \
-        ("lenet_300_100", "fashion-mnist", "10ep", "all", 100)
+    assert (small.model, small.dataset, small.steps, small.ts, small.points, small.replicates, small.eval_limit) == \
+        ("lenet_300_100", "mnist5k", "40ep", "all", 100, 3, None)
+    assert small.train == {} and small.prefix == "lenet_300_100:"
+    # OpenLTH's LeNet recipe (models/mnist_lenet.py default_hparams) is the registry's default: SGD without momentum
+    # or weight decay, lr 0.1, batch 128, 40 epochs, no lr drops
+    cfg = TrainConfig(model="lenet_300_100", dataset="mnist5k", steps=small.steps, **small.train).resolved()
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.milestones) == ("sgd", 0.1, 0.0, 128, "")
+    import torch
+
+    from lerpfast.train import optim
+
+    group = optim.create(cfg.optimizer, [torch.nn.Parameter(torch.zeros(2))], cfg.lr, momentum=cfg.momentum,
+                         weight_decay=cfg.weight_decay).param_groups[0]
+    assert (group["momentum"], group["weight_decay"], group["lr"]) == (0.0, 0.0, 0.1)  # plain SGD
+    # 4,000 training images: 32 iterations per epoch, 1,280 in all; every t of the schedule below the end is swept
+    per_epoch = -(-ld.load("mnist5k", "train", limit=None).num_samples // cfg.batch_size)
+    total = 40 * per_epoch
+    assert (per_epoch, total) == (32, 1280)
+    ts = frankle.pick_ts(sorted(frankle_schedule(total) | {total}))
+    assert ts == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+    # Fashion-MNIST stays available: the same recipe on the run's other data set; ResNet-20 keeps digits
+    fashion = settings("fashion-mnist")
+    assert (fashion["small"].dataset, fashion["small"].steps) == ("fashion-mnist", "40ep")
+    assert fashion["modern"].dataset == modern.dataset == "digits"
     assert (modern.model, modern.dataset, modern.steps, modern.replicates) == ("resnet20", "digits", "160ep", 3)
     assert modern.train == {"milestones": "80ep,120ep", "evaluate": "none", "model_options": "upsample=2"}
     assert modern.ts == "all" and modern.points == 100 and modern.eval_limit is None
     assert (modern.bn, recompute.bn, recompute.calibration) == ("interpolate", "recompute", 256)
     assert recompute.train == modern.train and recompute.steps == modern.steps  # one training run, two sweeps
     assert recompute.prefix != modern.prefix
-    monkeypatch.setattr(frankle, "MNIST_DATA", "digits")  # the one line that moves the MNIST network's data
-    assert dict(frankle._settings(ctx))["small"].dataset == "digits"
     # OpenLTH's recipe for ResNet-20 is the model registry's default: SGD momentum 0.9, lr 0.1, wd 1e-4, batch 128
-    from lerpfast.train import TrainConfig
-
     cfg = TrainConfig(model="resnet20", dataset="digits", steps="160ep", **modern.train).resolved()
     assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size, cfg.gamma) == \
         ("sgdm", 0.1, 0.9, 1e-4, 128, 0.1)

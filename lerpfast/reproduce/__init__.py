@@ -9,8 +9,8 @@ Each trains what the paper needs (resuming what exists), runs its sweeps into on
 figures and writes ``summary.md``: a table of the paper's claims, where the paper makes each, our number, and
 whether it agrees, then the observations we add beyond the paper (not counted). ``--quick`` runs on
 scikit-learn's digits in about a minute on 2 CPU cores; the full run uses the paper's default data set (Goodfellow:
-mnist5k, 5,000 real MNIST digits; Frankle, Im: Fashion-MNIST, the MNIST setting of the papers, offline) and takes up
-to half an hour on 2 cores.
+mnist5k, 5,000 real MNIST digits, for the MNIST network of Goodfellow and Frankle; Im: Fashion-MNIST, offline) and
+takes up to half an hour on 2 cores.
 Re-running finishes from what is stored. REPRODUCTIONS.md has the full runs' tables.
 """
 
@@ -44,8 +44,8 @@ def _module(paper: str):
 
 def _resolve_dataset(name: str | None, quick: bool, preferred: str | None = None) -> str:
     """The data set of a run: ``name`` if given; digits with ``quick``; else the paper's own default
-    (``DEFAULTS["dataset"]`` of its module, e.g. Goodfellow's ``mnist5k``) when installed, else Fashion-MNIST,
-    else digits."""
+    (``DEFAULTS["dataset"]`` of its module, e.g. Goodfellow's and Frankle's ``mnist5k``) when installed, else
+    Fashion-MNIST, else digits."""
     if name is not None:
         return name
     if quick:
@@ -78,8 +78,8 @@ def reproduce(paper: str, *, out: str | os.PathLike | None = None, dataset: str 
     paper : ``"goodfellow"``, ``"frankle"`` or ``"im"``.
     out : output folder (default ``reproduce-<paper>``): ``results.h5``, ``runs/``, ``figs/``, ``summary.md``,
         ``summary.json``.
-    dataset : data set name (default: digits with ``quick``, else the paper's own default when installed (Goodfellow:
-        ``mnist5k``, the 5,000 real MNIST digits), else Fashion-MNIST when installed, else digits).
+    dataset : data set name (default: digits with ``quick``, else the paper's own default when installed (Goodfellow,
+        Frankle: ``mnist5k``, the 5,000 real MNIST digits), else Fashion-MNIST when installed, else digits).
     model : the paper's main model (default: the paper module's, LeNet-300-100 for the MNIST setting).
     quick : the small setting (about a minute on 2 CPU cores).
     device : ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
@@ -145,8 +145,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("paper", choices=[*PAPERS, "all"], help="which paper")
     p.add_argument("--quick", action="store_true", help="small setting on digits: about a minute on 2 CPU cores")
     p.add_argument("--dataset", default=None,
-                   help="data set (default: digits with --quick, else the paper's: mnist5k for goodfellow, "
-                        "fashion-mnist for the others; cifar10 where installed)")
+                   help="data set (default: digits with --quick, else the paper's: mnist5k for goodfellow and "
+                        "frankle, fashion-mnist for im; cifar10 where installed)")
     p.add_argument("--model", default=None, help="the main model (default: lenet_300_100)")
     p.add_argument("--out", default=None, help="output folder (default: ./reproduce-<paper>)")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (default: auto)")
