@@ -77,16 +77,18 @@ def test_per_point_conv_matches_float64(case, epilogue, dtype):
 
 @pytest.mark.parametrize("layout", ["first", "last"])
 def test_gemm_form_where_it_applies(monkeypatch, layout):
-    """A 1x1 conv of 1x1 maps, or of channels-last points at unit stride, is one batched GEMM (no convolution call),
-    equal to the float64 reference with bias, residual and ReLU; padded, strided-over-a-map, grouped or 3x3 ones stay
-    convolutions."""
+    """A 1x1 conv of 1x1 maps, or at unit stride of channels-last points or of maps of at most
+    GEMM_CONV_MAX_POSITIONS positions, is one batched GEMM (no convolution call), equal to the float64 reference with
+    bias, residual and ReLU; padded, strided-over-a-map, grouped or 3x3 ones stay convolutions."""
+    assert F.GEMM_CONV_MAX_POSITIONS == 16
     calls = []
     monkeypatch.setattr(F, "CONV", {n: (lambda *a, _f=f: calls.append(1) or _f(*a)) for n, f in F.CONV.items()})
     gemm = "last" == layout
     cases = [  # spatial, kernel, stride, padding, groups, GEMM expected
         ((1, 1), (1, 1), 2, 0, 1, True), ((1, 1), (1, 1), 1, 1, 1, False), ((1, 1), (3, 3), 1, 1, 1, False),
-        ((5, 3), (1, 1), 1, 0, 1, gemm), ((5, 3), (1, 1), 1, "same", 1, gemm), ((5, 3), (1, 1), 2, 0, 1, False),
-        ((5, 3), (1, 1), 1, 0, 2, False),
+        ((5, 4), (1, 1), 1, 0, 1, gemm), ((5, 4), (1, 1), 1, "same", 1, gemm), ((5, 4), (1, 1), 2, 0, 1, False),
+        ((5, 4), (1, 1), 1, 0, 2, False),
+        ((4, 4), (1, 1), 1, 0, 1, True), ((4, 4), (1, 1), 2, 0, 1, False),  # small maps: rows copied, any layout
     ]
     for sp, ks, stride, padding, groups, expect in cases:
         calls.clear()
