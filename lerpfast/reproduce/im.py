@@ -162,7 +162,7 @@ def _model_note(ctx: Context) -> str:
         return "LeNet-300-100"
     if ctx.s.model == "nin":
         w = _width(ctx)
-        return "NIN" + (f" at width {w:g}" if w else "") + " with batch norm after every conv but the last"
+        return "NIN" + (f" at width {w:g}" if w else "")
     return ctx.s.model
 
 
@@ -628,7 +628,8 @@ def _analyse(ctx, st, out, runs, switched, exotic, dist_init, same_init, barrier
     facts["beyond_solution_rise"] = {f"{_tag(bn)}:{o}@init{r}": beyond[(bn, o, r)] for bn in (True, False)
                                      for o in opts for r in range(INITS)}
     layers = "conv" if ctx.s.model == "nin" else "Linear"
-    net = (f"{_model_note(ctx)}, dropout {DROPOUT:g} after its first two blocks" if ctx.s.model == "nin"
+    net = (f"{_model_note(ctx)} (with batch norm: after every conv but the last), dropout {DROPOUT:g} after its "
+           "first two blocks" if ctx.s.model == "nin"
            else f"LeNet-style MLP ({ctx.s.model}) with dropout {DROPOUT:g} after every hidden ReLU")
     ctx.note(f"Training: {net}, on "
              f"{ctx.s.dataset}, batch 128, {st.steps}, rates "
