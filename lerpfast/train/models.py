@@ -354,6 +354,9 @@ class NIN(nn.Module):
         Batch norm after every conv (Im et al. compare with and without).
     dropout : float
         Dropout after the first two blocks (0.5 in the original).
+    width : float
+        Channel multiplier of every conv but the last (which has one map per class): ``width=0.25`` gives
+        48 / 40 / 24 channels for the original 192 / 160 / 96.
 
     Notes
     -----
@@ -361,12 +364,18 @@ class NIN(nn.Module):
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, in_size: int = 32, bn: bool = False,
-                 dropout: float = 0.5):
+                 dropout: float = 0.5, width: float = 1.0):
         super().__init__()
+        if not width > 0:
+            raise ValueError(f"NIN width must be > 0 (got {width})")
+
+        def w(c: int) -> int:
+            return max(1, int(round(c * width)))
+
         plan: list[tuple[int, int, int]] = [  # (out channels, kernel, padding) per conv of each block
-            (192, 5, 2), (160, 1, 0), (96, 1, 0),
-            (192, 5, 2), (192, 1, 0), (192, 1, 0),
-            (192, 3, 1), (192, 1, 0), (num_classes, 1, 0),
+            (w(192), 5, 2), (w(160), 1, 0), (w(96), 1, 0),
+            (w(192), 5, 2), (w(192), 1, 0), (w(192), 1, 0),
+            (w(192), 3, 1), (w(192), 1, 0), (num_classes, 1, 0),
         ]
         layers: list[nn.Module] = []
         c_in, size = in_channels, in_size
@@ -570,8 +579,8 @@ def _cifar_vgg(depth):
     return build
 
 
-def _nin(num_classes, in_shape, bn=False, dropout=0.5, init="kaiming_normal", bn_init="ones"):
-    model = NIN(num_classes, in_shape[0], in_shape[-1], bn, dropout)
+def _nin(num_classes, in_shape, bn=False, dropout=0.5, width=1.0, init="kaiming_normal", bn_init="ones"):
+    model = NIN(num_classes, in_shape[0], in_shape[-1], bn, dropout, width)
     _init_weights(model, init, bn_init)
     return model
 
@@ -594,7 +603,7 @@ _REGISTRY: dict[str, _Spec] = {
        for d in (20, 32, 44, 56, 110)},
     **{f"vgg{d}": _Spec(_cifar_vgg(d), _CIFAR, 10, _CIFAR_TRAIN, f"CIFAR VGG-{d}; bn, width")
        for d in (11, 13, 16, 19)},
-    "nin": _Spec(_nin, _CIFAR, 10, _CIFAR_TRAIN, "Network in Network; bn, dropout"),
+    "nin": _Spec(_nin, _CIFAR, 10, _CIFAR_TRAIN, "Network in Network; bn, dropout, width"),
     "resnet50": _Spec(_resnet50, (3, 224, 224), 1000, _IMAGENET_TRAIN, "ImageNet ResNet-50 (torchvision names)"),
     "deep_linear": _Spec(_deep_linear, (1,), 1, dict(optimizer="sgd", lr=0.01),
                          "product of linear maps; depth, width, bias (depth 2 width 1: y = w1*w2*x)"),
