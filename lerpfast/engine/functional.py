@@ -10,6 +10,7 @@ the CPU these *are* the engine. Shapes follow ``docs/architecture.md``:
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -505,14 +506,11 @@ def _gemm_rows(x: torch.Tensor, weight: torch.Tensor, stride, padding, groups: i
     last = x.movedim(2, -1)  # (K, N, *sp, C)
     if last.is_contiguous():
         return last.view(K, -1, C)
-    positions = 1
-    for n in x.shape[3:]:
-        positions *= n
     # small channels-first maps: the copy to rows is cheap and torch's own convolution of them is its slow
     # im2col path (EfficientNet-B0's 2x2 and 4x4 stages, K = 5, 8 images: 192 -> 1152 channels at 2x2 3.0 ms as 5
     # convolutions + copies, 0.8 ms as copy + GEMM; 512 -> 2048 at 4x4 14.4 -> 9.8 ms; from 8x8 on mkldnn's
     # convolution is as fast or faster: 1024 -> 256 at 8x8 9.5 ms against 12.5 ms)
-    return last.reshape(K, -1, C) if positions <= GEMM_CONV_MAX_POSITIONS else None
+    return last.reshape(K, -1, C) if math.prod(x.shape[3:]) <= GEMM_CONV_MAX_POSITIONS else None
 
 
 #: Channels-first maps of at most this many positions convolve 1x1 as copy + GEMM (see :func:`_gemm_rows`).
